@@ -1,0 +1,207 @@
+"""The build pipeline: recipe -> inputs -> ESP files -> layout -> temp image -> self-check
+-> published outputs. The library API the CLI calls (`build`, `lock`, `vendor`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from builder import __version__, spec
+from builder.errors import ArmvmError, RecipeError
+from builder.layout import PlannedFile, plan_layout
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    output_dir: Path = Path("output")
+    overrides: Mapping[str, object] = field(default_factory=dict)
+    checksum: bool = False
+    offline: bool = False
+    mirror: Optional[str] = None
+    keyring: Optional[Path] = None
+    vendor_dirs: Sequence[Path] = ()
+    cache_dir: Optional[Path] = None
+    update_lock: bool = False
+    progress: Optional[bool] = None
+    environ: Optional[Mapping[str, str]] = None
+
+
+@dataclass
+class BuildResult:
+    ok: bool
+    name: str
+    image: Optional[Path]
+    outputs: List[Path]
+    stages: Dict[str, float]
+    report: object = None              # builder.verify.report.Report
+    message: str = ""
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "name": self.name, "image": str(self.image) if self.image else None,
+                "outputs": [str(p) for p in self.outputs],
+                "stages": {k: round(v, 4) for k, v in self.stages.items()},
+                "verify": self.report.summary() if self.report is not None else None,
+                "message": self.message}
+
+
+def source_date_epoch(recipe, environ: Mapping[str, str], lock=None) -> int:
+    value = environ.get("SOURCE_DATE_EPOCH")
+    if value not in (None, ""):
+        if not value.isdigit() or int(value) > 4354819199:
+            raise ArmvmError(f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970 "
+                             "(allowed: 0 to 4354819199)")
+        return int(value)
+    if lock is not None:
+        return lock.source_date_epoch
+    if recipe.source_date_epoch is not None:
+        return recipe.source_date_epoch
+    return spec.DEFAULT_SOURCE_DATE_EPOCH
+
+
+def lock_path(recipe) -> Path:
+    return recipe.path.with_name(recipe.path.stem + ".lock")
+
+
+def _uses_packages(recipe) -> bool:
+    srcs = [e.source for p in recipe.disk.partitions for e in p.files]
+    if recipe.kernel:
+        srcs.append(recipe.kernel.source)
+    if recipe.initramfs:
+        srcs += [e.source for e in recipe.initramfs.files]
+    b = recipe.bootloader
+    return (any(s.kind == "package" for s in srcs) or recipe.initramfs is not None
+            or (b is not None and (b.type in ("grub", "uki") or (b.source and b.source.kind == "package"))))
+
+
+def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
+    """(fetcher, archive or None, lock or None) for a recipe."""
+    from builder.cache import Cache
+    from builder.sources import Fetcher
+    cache = Cache(options.cache_dir)
+    lock = None
+    lp = lock_path(recipe)
+    if use_lock and lp.exists() and not options.update_lock:
+        from builder.lock import read_lock
+        lock = read_lock(lp)
+    fetcher = Fetcher(cache=cache, offline=options.offline, vendor_dirs=list(options.vendor_dirs),
+                      progress=options.progress)
+    archive = None
+    if recipe.debian is not None:
+        from builder.debian.archive import DebianArchive
+        archive = DebianArchive(fetcher, mirror=options.mirror or recipe.debian.mirror, suite=recipe.debian.suite,
+                                components=recipe.debian.components, arch=spec.ARCHES[recipe.arch].debian_arch,
+                                keyring=options.keyring, lock=lock, offline=options.offline)
+    elif _uses_packages(recipe):
+        raise RecipeError(recipe.path, "the recipe uses Debian packages but has no `debian:` section",
+                          field="debian", allowed="debian: {suite: trixie}")
+    return fetcher, archive, lock, cache
+
+
+def gather(ctx) -> List[PlannedFile]:
+    """Fetch and build every ESP file; returns them with their roles."""
+    from builder import components as c
+    from builder.output import sha256_file
+    recipe = ctx.recipe
+    arch = spec.ARCHES[recipe.arch]
+    c.check_supported(recipe)
+    kernel = kinfo = initrd = None
+    if recipe.kernel:
+        kernel, kinfo = c.prepare_kernel(ctx)
+    if recipe.initramfs:
+        initrd = c.prepare_initramfs(ctx, kinfo)
+    loader, grub_cfg, kind = c.prepare_loader(ctx, kernel, initrd)
+    files = [(f"{spec.REMOVABLE_DIR}/{arch.removable_name}", loader, "loader")]
+    if grub_cfg is not None:
+        cfg = ctx.work / "grub.cfg"
+        cfg.write_text(grub_cfg)
+        files.append((spec.ESP_GRUB_CFG, cfg, "grub.cfg"))
+    if kind != "uki":
+        if kernel is not None:
+            files.append((spec.ESP_KERNEL_PATH, kernel, "kernel"))
+        if initrd is not None:
+            files.append((spec.ESP_INITRD_PATH, initrd, "initrd"))
+    esp = next(p for p in recipe.disk.partitions if p.type == "esp") if any(
+        p.type == "esp" for p in recipe.disk.partitions) else None
+    for n, entry in enumerate(esp.files if esp else ()):
+        files.append((entry.dest, c.fetch_source(ctx, entry.source, f"esp.files[{n}]"), "file"))
+    out = []
+    for dest, path, role in files:
+        out.append(PlannedFile(dest, path, path.stat().st_size, sha256_file(path), role))
+    ctx.direct = (kernel, initrd, recipe.kernel.cmdline if recipe.kernel else "")
+    return out
+
+
+def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
+    from builder.assemble import write_image
+    from builder.components import Context
+    from builder.output import Staging, bmap_xml, canonical_json, sha256_sparse
+    from builder.recipe import load_recipe
+
+    environ = os.environ if options.environ is None else options.environ
+    t_start = time.perf_counter()
+    recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
+    fetcher, archive, lock, cache = open_inputs(recipe, options)
+    timestamp = source_date_epoch(recipe, environ, lock)
+    seed = recipe.seed or recipe.digest
+    out_dir = Path(options.output_dir)
+    with Staging(out_dir, recipe.name) as staging:
+        work = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.work-", dir=out_dir))
+        try:
+            ctx = Context(recipe, fetcher, work, timestamp, archive=archive, index_dir=cache.root / "kernel-index")
+            ctx.stages["recipe"] = time.perf_counter() - t_start
+            files = gather(ctx)
+            with ctx.stage("plan"):
+                layout = plan_layout(recipe, files, timestamp=timestamp, seed=seed)
+            image_tmp = staging.temp_path(f"{recipe.name}.raw")
+            with ctx.stage("assembly"):
+                write_image(layout, image_tmp)
+            with ctx.stage("self-check"):
+                from builder.verify import verify_image
+                report = verify_image(image_tmp, arch=recipe.arch)
+            report_json = canonical_json(report.to_json())
+            ok = report.exit_code() == 0
+            if not ok:
+                staging.discard()
+                failed = out_dir / f"{recipe.name}.failed.raw"
+                os.replace(image_tmp, failed) if image_tmp.exists() else None
+                (out_dir / f"{recipe.name}.verify.json").write_text(report_json)
+                bad = ", ".join(ch.id for ch in report.checks if ch.level == "MUST" and ch.result == "fail")
+                return BuildResult(False, recipe.name, failed, [failed], ctx.stages, report,
+                                   f"the image fails MUST checks ({bad}); kept as {failed} with "
+                                   f"{recipe.name}.verify.json; the earlier {recipe.name}.raw is untouched")
+            with ctx.stage("outputs"):
+                manifest = {
+                    "tool": {"name": "armvm-build", "version": __version__},
+                    "recipe": {"name": recipe.name, "digest": recipe.digest, "arch": recipe.arch,
+                               "file": recipe.path.name},
+                    "source_date_epoch": timestamp, "seed": seed,
+                    "inputs": sorted(ctx.inputs, key=lambda i: (i["role"], i["origin"])),
+                    "layout": layout.to_json(),
+                }
+                if options.checksum or recipe.output.checksum:
+                    digest = sha256_sparse(image_tmp)
+                    manifest["image_sha256"] = digest
+                    staging.write_text(f"{recipe.name}.raw.sha256", f"{digest}  {recipe.name}.raw\n")
+                staging.write_text(f"{recipe.name}.manifest.json", canonical_json(manifest))
+                staging.write_text(f"{recipe.name}.verify.json", report_json)
+                if recipe.output.bmap:
+                    staging.write_text(f"{recipe.name}.bmap", bmap_xml(image_tmp))
+                if recipe.output.direct:
+                    _stage_direct(staging, recipe.name, ctx.direct)
+            outputs = staging.commit()
+            return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _stage_direct(staging, name: str, direct) -> None:
+    kernel, initrd, cmdline = direct
+    for suffix, src in (("vmlinuz", kernel), ("initrd", initrd)):
+        if src is not None:
+            shutil.copyfile(src, staging.temp_path(f"{name}.{suffix}"))
+    staging.write_text(f"{name}.cmdline", cmdline + "\n")

@@ -1,0 +1,143 @@
+"""The command line: a thin layer that parses arguments, calls one library function and
+prints its result (table or --json). Exit codes: 0 ok, 1 job failed, 2 usage, 3 bad input.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from builder import __version__
+from builder.errors import EXIT_FAILED, ArmvmError
+
+
+class DefaultBuildGroup(TyperGroup):
+    """`armvm-build RECIPE` means `armvm-build build RECIPE`: a first argument that is not a
+    command but names a file (or looks like a recipe) is routed to `build`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            if Path(args[0]).exists() or args[0].endswith((".yaml", ".yml")):
+                args = ["build"] + list(args)
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=DefaultBuildGroup, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Build raw disk images that boot on any ARM VM following the ARM VM System "
+                       "Specification (GPT + FAT32 ESP + removable-path loader), verify them, boot them.\n\n"
+                       "armvm-build RECIPE is short for armvm-build build RECIPE.")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"armvm-build {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")):
+    pass
+
+
+def _fail(err: ArmvmError, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "error": str(err), "exit_code": err.exit_code}))
+    typer.echo(f"armvm-build: error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def _progress(quiet: bool) -> Optional[bool]:
+    return False if quiet else None
+
+
+@app.command()
+def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-templated)."),
+          output: Path = typer.Option(Path("output"), "-o", "--output", help="Output folder."),
+          set_: List[str] = typer.Option([], "--set", help="Template variable name=value (repeatable)."),
+          checksum: bool = typer.Option(False, "--checksum", help="Also write <name>.raw.sha256 (whole image)."),
+          offline: bool = typer.Option(False, "--offline", help="Make no network request (cache, --vendor, lock)."),
+          mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror URL (else ARMVM_MIRROR, "
+                                                "the recipe, then the host's apt sources)."),
+          keyring: Optional[Path] = typer.Option(None, "--keyring", help="OpenPGP keyring for InRelease "
+                                                 "(default: Debian's archive keyring)."),
+          vendor: List[Path] = typer.Option([], "--vendor", help="Folder of exported .debs to use before the "
+                                            "network (repeatable)."),
+          update_lock: bool = typer.Option(False, "--update-lock", help="Ignore <recipe>.lock and refresh it."),
+          quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+          as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
+    """Build output/<name>.raw (+ .manifest.json, .verify.json, .bmap) from a recipe."""
+    from builder.build import BuildOptions, build as do_build
+    from builder.recipe import parse_set
+    try:
+        options = BuildOptions(output_dir=output, overrides=parse_set(set_), checksum=checksum, offline=offline,
+                               mirror=mirror, keyring=keyring, vendor_dirs=tuple(vendor),
+                               update_lock=update_lock, progress=_progress(quiet or as_json))
+        result = do_build(recipe, options)
+        if update_lock:
+            from builder.lockcmd import write_recipe_lock
+            write_recipe_lock(recipe, options)
+    except ArmvmError as err:
+        _fail(err, as_json)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    elif result.ok:
+        typer.echo(f"built {result.image}")
+        for p in result.outputs:
+            if p != result.image:
+                typer.echo(f"  {p}")
+        typer.echo("  self-check: " + _summary_line(result.report))
+        typer.echo("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.stages.items()))
+    if not result.ok:
+        typer.echo(f"armvm-build: error: {result.message}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _summary_line(report) -> str:
+    s = report.summary()
+    counts = s.get("counts", s)
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if isinstance(v, int))
+
+
+@app.command()
+def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or another tool's)."),
+           arch: str = typer.Option("auto", "--arch", help="auto, aarch64 or armv7."),
+           profile: str = typer.Option("vmspec-2.0", "--profile", help="vmspec-2.0, vmspec-1.0 or rfc-v2."),
+           strict: bool = typer.Option(False, "--strict", help="Fail on SHOULD warnings and skipped checks too."),
+           as_json: bool = typer.Option(False, "--json", help="JSON report on stdout.")):
+    """Check an image against every static requirement of the ARM VM System Specification."""
+    if arch not in ("auto", "aarch64", "armv7"):
+        raise typer.BadParameter("use auto, aarch64 or armv7", param_hint="--arch")
+    if profile not in ("vmspec-2.0", "vmspec-1.0", "rfc-v2"):
+        raise typer.BadParameter("use vmspec-2.0, vmspec-1.0 or rfc-v2", param_hint="--profile")
+    from builder.verify import verify_image
+    try:
+        report = verify_image(image, arch=arch, profile=profile)
+    except ArmvmError as err:
+        _fail(err, as_json)
+    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else report.format_table())
+    raise typer.Exit(report.exit_code(strict))
+
+
+@app.command()
+def schema():
+    """Print the recipe JSON Schema (for editors)."""
+    from builder.recipe_schema import SCHEMA
+    typer.echo(json.dumps(SCHEMA, indent=2))
+
+
+def main():
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("armvm-build: interrupted; nothing was published", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

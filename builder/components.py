@@ -1,0 +1,192 @@
+"""Turn the recipe's kernel, initramfs and bootloader sections into files for the ESP.
+
+Each function takes plain data (the recipe, a Context with the fetcher/archive/work dir)
+and returns plain data (paths and roles); nothing here writes the disk image.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from builder import spec
+from builder.errors import ArmvmError, RecipeError
+from builder.recipe import Recipe, Source
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    fetcher: object                    # builder.sources.Fetcher
+    work: Path                         # scratch folder (removed after the build)
+    timestamp: int
+    archive: object = None             # builder.debian.archive.DebianArchive, when debian: is set
+    inputs: List[dict] = field(default_factory=list)   # manifest "inputs"
+    stages: Dict[str, float] = field(default_factory=dict)
+    index_dir: Optional[Path] = None   # where kernel module indexes are cached
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+    def record(self, role: str, origin: str, sha256: str, size: int, **extra) -> None:
+        self.inputs.append({"role": role, "origin": origin, "sha256": sha256, "size": size, **extra})
+
+    def need_archive(self, what: str):
+        if self.archive is None:
+            raise RecipeError(self.recipe.path, f"{what} names a Debian package but the recipe has no "
+                              "`debian:` section", field="debian", allowed="debian: {suite: trixie}")
+        return self.archive
+
+
+def origin_of(ctx: Context, src: Source) -> str:
+    """A host-independent name for a source (local files relative to the recipe)."""
+    if src.kind == "file":
+        try:
+            return "file:" + src.file.relative_to(ctx.recipe.path.resolve().parent).as_posix()
+        except ValueError:
+            return "file:" + src.file.name
+    return src.describe()
+
+
+def fetch_source(ctx: Context, src: Source, role: str) -> Path:
+    """A local path holding the source's bytes (verified; cached for URLs and packages)."""
+    if src.kind == "file":
+        with ctx.stage("resolve"):
+            art = ctx.fetcher.local(src.file)
+    elif src.kind == "url":
+        with ctx.stage("download"):
+            art = ctx.fetcher.url(src.url, src.sha256)
+    else:
+        tree, pkg = package_tree(ctx, src.package, role)
+        inner = (tree / src.path).resolve()
+        if tree.resolve() not in inner.parents or not inner.is_file():
+            raise RecipeError(ctx.recipe.path, f"package {pkg.name} {pkg.version} has no file {src.path!r}",
+                              field=f"{role}.path", allowed="a regular file inside the package")
+        from builder.output import sha256_file
+        ctx.record(role, f"debian:{pkg.name}={pkg.version}:{src.path}", sha256_file(inner), inner.stat().st_size)
+        return inner
+    ctx.record(role, origin_of(ctx, src), art.sha256, art.size)
+    return art.path
+
+
+def package_tree(ctx: Context, name: str, role: str, *, kernel: bool = False):
+    archive = ctx.need_archive(role)
+    with ctx.stage("resolve"):
+        pkg = archive.resolve_kernel(name) if kernel else archive.resolve(name)
+    with ctx.stage("download"):
+        deb = archive.fetch(pkg)
+    with ctx.stage("extract"):
+        tree = archive.extract(deb)
+    ctx.record(role, f"debian:{pkg.name}={pkg.version}", pkg.sha256, pkg.size, filename=pkg.filename)
+    return tree, pkg
+
+
+def prepare_kernel(ctx: Context):
+    """-> (kernel image path, KernelInfo or None)."""
+    from builder.kernel import inspect_kernel
+    k = ctx.recipe.kernel
+    arch = spec.ARCHES[ctx.recipe.arch]
+    if k.source.kind == "package":
+        tree, pkg = package_tree(ctx, k.source.package, "kernel", kernel=True)
+        with ctx.stage("module scan"):
+            info = inspect_kernel(tree, arch, index_cache=ctx.index_dir)
+        return info.image, info
+    return fetch_source(ctx, k.source, "kernel"), None
+
+
+def prepare_initramfs(ctx: Context, kinfo) -> Path:
+    from builder.initramfs import build_initramfs, find_busybox
+    from builder.kernel import resolve_drivers
+    spec_i = ctx.recipe.initramfs
+    if kinfo is None:
+        raise RecipeError(ctx.recipe.path, "building an initramfs needs the kernel as a Debian package "
+                          "(its modules and config)", field="kernel.package",
+                          allowed="kernel: {package: linux-image-...}")
+    tree, _ = package_tree(ctx, spec_i.busybox, "busybox")
+    busybox = find_busybox(tree)
+    modules = resolve_drivers(kinfo, spec_i.drivers)
+    extra = [(e.dest, fetch_source(ctx, e.source, "initramfs.files")) for e in spec_i.files]
+    template = spec_i.init.read_text() if spec_i.init else None
+    out = ctx.work / "initrd.img"
+    with ctx.stage("initramfs"):
+        build_initramfs(out=out, kernel=kinfo, modules=modules, busybox=busybox, init_template=template,
+                        payload=spec_i.payload, extra_files=extra, compression=spec_i.compression,
+                        mtime=ctx.timestamp)
+    return out
+
+
+def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path]):
+    """-> (loader path, grub.cfg text or None, kind)."""
+    b = ctx.recipe.bootloader
+    arch = spec.ARCHES[ctx.recipe.arch]
+    cmdline = ctx.recipe.kernel.cmdline if ctx.recipe.kernel else ""
+    if b.type == "efi":
+        if b.source is None:
+            raise RecipeError(ctx.recipe.path, "type efi needs the loader's source", field="bootloader",
+                              allowed="file, url (+sha256) or package (+path)")
+        return fetch_source(ctx, b.source, "bootloader"), None, "efi"
+    from builder import bootloader as bl
+    if b.type == "grub":
+        template = b.config.read_text() if b.config else None
+        cfg = bl.render_grub_cfg(cmdline=cmdline, template=template)
+        if b.signed:
+            name = b.source.package if b.source and b.source.package else f"grub-efi-{arch.debian_arch}-signed"
+            tree, _ = package_tree(ctx, name, "bootloader")
+            return bl.find_signed_grub(tree, arch), cfg, "grub-signed"
+        name = b.source.package if b.source and b.source.package else f"grub-efi-{arch.debian_arch}-bin"
+        tree, _ = package_tree(ctx, name, "bootloader")
+        with ctx.stage("loader"):
+            out = bl.build_grub(arch=arch, grub_tree=tree, out=ctx.work / arch.removable_name,
+                                extra_modules=b.modules)
+        return out, cfg, "grub"
+    # uki
+    from builder.uki import build_uki, find_systemd_stub
+    if kernel is None or initrd is None:
+        raise RecipeError(ctx.recipe.path, "a UKI needs a kernel and an initramfs", field="bootloader.type",
+                          allowed="kernel: and initramfs: sections")
+    name = b.source.package if b.source and b.source.package else "systemd-boot-efi"
+    tree, _ = package_tree(ctx, name, "bootloader")
+    osrel = (f'NAME="armvm-build"\nID=armvm\nPRETTY_NAME="{ctx.recipe.name} (armvm-build)"\n'
+             f'IMAGE_ID={ctx.recipe.name}\n')
+    with ctx.stage("loader"):
+        out = build_uki(stub=find_systemd_stub(tree, arch), kernel=kernel, initrd=initrd, cmdline=cmdline,
+                        osrel=osrel, uname=_kernel_version(ctx), out=ctx.work / arch.removable_name)
+    return out, None, "uki"
+
+
+def _kernel_version(ctx: Context) -> str:
+    for i in ctx.inputs:
+        if i["role"] == "kernel" and i["origin"].startswith("debian:linux-image-"):
+            return i["origin"].split("=", 1)[0][len("debian:linux-image-"):]
+    return ""
+
+
+def check_supported(recipe: Recipe) -> None:
+    """Refuse combinations that cannot produce a bootable image, with the reason."""
+    if recipe.bootloader is None:
+        raise RecipeError(recipe.path, "the recipe has no bootloader", field="bootloader",
+                          allowed="bootloader: {type: efi|grub|uki}")
+    if recipe.initramfs is not None and recipe.kernel is None:
+        raise RecipeError(recipe.path, "an initramfs needs a kernel", field="kernel",
+                          allowed="kernel: {package: ...}")
+    if recipe.bootloader.type in ("grub", "uki") and recipe.kernel is None:
+        raise RecipeError(recipe.path, f"bootloader {recipe.bootloader.type} needs a kernel", field="kernel",
+                          allowed="kernel: {package: ...} or {file: ...}")
+    if recipe.bootloader.signed and recipe.arch != "aarch64":
+        raise RecipeError(recipe.path, "Debian ships a signed GRUB only for AArch64",
+                          field="bootloader.signed", allowed="false for armv7")
+    if recipe.output.direct and recipe.kernel is None:
+        raise RecipeError(recipe.path, "direct boot output needs a kernel", field="output.direct")
+
+
+def ensure_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise ArmvmError(f"{what} was not produced at {path}")
+    return path

@@ -1,0 +1,272 @@
+"""Recipes: load a recipe file into frozen dataclasses (the build's only view of it).
+
+Text handling (rendering, YAML, schema validation) lives in recipe_validate.py; the schema
+table itself in recipe_schema.py. Paths in a recipe are relative to the recipe file and
+must stay inside its folder; ESP destinations must be storable on FAT.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+from builder.errors import RecipeError
+from builder import recipe_validate as rv
+
+ENV_VAR_PREFIX = "ARMVM_VAR_"
+FAT_FORBIDDEN = set('"*/:<>?\\|')
+
+
+# --- data ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """Where one input comes from: exactly one of file, url (+sha256), package (+path)."""
+    kind: str                         # "file" | "url" | "package"
+    file: Optional[Path] = None       # absolute, inside the recipe folder
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    package: Optional[str] = None
+    path: Optional[str] = None        # file inside the package
+
+    def describe(self) -> str:
+        if self.kind == "file":
+            return str(self.file)
+        if self.kind == "url":
+            return self.url or ""
+        return f"debian:{self.package}" + (f":{self.path}" if self.path else "")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    source: Source
+    dest: str
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    type: str
+    name: str
+    size: Optional[int]
+    label: str
+    files: Tuple[FileEntry, ...]
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    size: int
+    sector_size: int
+    partitions: Tuple[PartitionSpec, ...]
+
+
+@dataclass(frozen=True)
+class DebianSpec:
+    suite: str
+    components: Tuple[str, ...]
+    mirror: Optional[str]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    source: Source
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class InitramfsSpec:
+    compression: str
+    drivers: Tuple[str, ...]
+    busybox: str
+    init: Optional[Path]
+    payload: Optional[str]
+    files: Tuple[FileEntry, ...]
+
+
+@dataclass(frozen=True)
+class BootloaderSpec:
+    type: str                         # "efi" | "grub" | "uki"
+    source: Optional[Source]          # efi: the prebuilt loader; grub/uki: package override
+    signed: bool
+    modules: Tuple[str, ...]
+    config: Optional[Path]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    bmap: bool = True
+    checksum: bool = False
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    arch: str
+    source_date_epoch: Optional[int]
+    seed: Optional[str]
+    debian: Optional[DebianSpec]
+    kernel: Optional[KernelSpec]
+    initramfs: Optional[InitramfsSpec]
+    bootloader: Optional[BootloaderSpec]
+    disk: DiskSpec
+    output: OutputSpec
+    digest: str                       # sha256 of the canonical validated recipe
+    data: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+
+
+
+# --- loading ------------------------------------------------------------------------
+def parse_set(items: Sequence[str]) -> dict:
+    """--set name=value pairs; integers become ints, everything else stays a string."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise RecipeError("--set", f"{item!r} is not name=value", allowed="name=value with a Python-style name")
+        out[name] = int(value) if re.fullmatch(r"-?\d+", value) else value
+    return out
+
+
+def env_vars(environ: Mapping[str, str]) -> dict:
+    """Template variables from ARMVM_VAR_<name>; no other environment variable is visible."""
+    return {k[len(ENV_VAR_PREFIX):]: v for k, v in environ.items()
+            if k.startswith(ENV_VAR_PREFIX) and len(k) > len(ENV_VAR_PREFIX)}
+
+
+def load_recipe(path, *, overrides: Optional[Mapping[str, Any]] = None,
+                environ: Optional[Mapping[str, str]] = None) -> Recipe:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(path, "recipe file not found")
+    except IsADirectoryError:
+        raise RecipeError(path, "is a directory, not a recipe file")
+    except OSError as exc:
+        raise RecipeError(path, f"cannot read the recipe: {exc.strerror}")
+    if len(raw) > rv.MAX_RECIPE_BYTES:
+        raise RecipeError(path, f"recipe is larger than {rv.MAX_RECIPE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(path, f"recipe is not UTF-8 (byte {exc.start})")
+    variables = dict(rv._extract_vars_block(text, path))
+    variables.update(env_vars(os.environ if environ is None else environ))
+    variables.update(overrides or {})
+    rendered = rv.render(text, variables, path)
+    data, lines = rv.parse_yaml(rendered, path)
+    if not isinstance(data, dict):
+        raise RecipeError(path, "the recipe must be a YAML mapping", line=1, allowed="name, arch, disk, ...")
+    rv.validate(data, lines, path)
+    return _to_recipe(path, data, lines)
+
+
+def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
+    base = path.resolve().parent
+    canonical = {k: v for k, v in data.items() if k != "vars"}
+    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":"),
+                                       ensure_ascii=True).encode()).hexdigest()
+
+    def line(*p):
+        return lines.get(p)
+
+    def host_path(value: str, p) -> Path:
+        rel = Path(value)
+        if rel.is_absolute():
+            raise RecipeError(path, f"{value!r} is an absolute path", line=line(*p), field=rv._dotted(p),
+                              allowed="a path relative to the recipe, inside its folder")
+        full = (base / rel).resolve()
+        if full != base and base not in full.parents:
+            raise RecipeError(path, f"{value!r} leaves the recipe's folder", line=line(*p), field=rv._dotted(p),
+                              allowed="a path relative to the recipe, inside its folder")
+        return full
+
+    def source(d: dict, p) -> Optional[Source]:
+        if "file" in d:
+            return Source("file", file=host_path(d["file"], p + ("file",)))
+        if "url" in d:
+            return Source("url", url=d["url"], sha256=d["sha256"])
+        if "package" in d:
+            return Source("package", package=d["package"], path=d.get("path"))
+        return None
+
+    def files(items, p) -> Tuple[FileEntry, ...]:
+        out = []
+        for i, item in enumerate(items):
+            src = source(item, p + (i,))
+            if src is None:
+                raise RecipeError(path, "names no source", line=line(*p, i), field=rv._dotted(p + (i,)),
+                                  allowed="one of file, url (+sha256), package (+path)")
+            if src.kind == "package" and not src.path:
+                raise RecipeError(path, "a package file needs `path` (the file inside the package)",
+                                  line=line(*p, i), field=rv._dotted(p + (i, "path")))
+            out.append(FileEntry(src, check_dest(item["dest"], path, line(*p, i, "dest"),
+                                                 rv._dotted(p + (i, "dest")))))
+        return tuple(out)
+
+    d = data.get("debian")
+    debian = DebianSpec(d["suite"], tuple(d.get("components", ["main"])), d.get("mirror")) if d else None
+    k = data.get("kernel")
+    kernel = None
+    if k is not None:
+        ks = source(k, ("kernel",))
+        if ks is None:
+            raise RecipeError(path, "names no kernel source", line=line("kernel"), field="kernel",
+                              allowed="package, file or url (+sha256)")
+        kernel = KernelSpec(ks, k.get("cmdline", ""))
+    i = data.get("initramfs")
+    initramfs = None
+    if i is not None:
+        initramfs = InitramfsSpec(
+            i.get("compression", "gzip"), tuple(m.replace("-", "_") for m in i.get("drivers", [])),
+            i.get("busybox", "busybox-static"),
+            host_path(i["init"], ("initramfs", "init")) if "init" in i else None,
+            i.get("payload"), files(i.get("files", []), ("initramfs", "files")))
+    b = data.get("bootloader")
+    bootloader = None
+    if b is not None:
+        bootloader = BootloaderSpec(b["type"], source(b, ("bootloader",)), b.get("signed", False),
+                                    tuple(b.get("modules", [])),
+                                    host_path(b["config"], ("bootloader", "config")) if "config" in b else None)
+    parts = []
+    for n, pd in enumerate(data["disk"]["partitions"]):
+        p = ("disk", "partitions", n)
+        size = rv.parse_size(pd["size"], file=path, line=line(*p, "size")) if "size" in pd else None
+        if pd["type"] != "esp" and ("files" in pd or "label" in pd):
+            raise RecipeError(path, "files and label are only for the esp partition", line=line(*p),
+                              field=rv._dotted(p), allowed="type: esp")
+        parts.append(PartitionSpec(pd["type"].lower(), pd.get("name", pd["type"].upper()), size,
+                                   pd.get("label", "ESP"), files(pd.get("files", []), p + ("files",))))
+    disk = DiskSpec(rv.parse_size(data["disk"]["size"], file=path, line=line("disk", "size"), field_name="disk.size"),
+                    data["disk"].get("sector_size", 512), tuple(parts))
+    o = data.get("output", {})
+    output = OutputSpec(o.get("bmap", True), o.get("checksum", False), o.get("direct", False))
+    return Recipe(path=path, name=data["name"], arch=data["arch"],
+                  source_date_epoch=data.get("source_date_epoch"), seed=data.get("seed"),
+                  debian=debian, kernel=kernel, initramfs=initramfs, bootloader=bootloader,
+                  disk=disk, output=output, digest=digest, data=data)
+
+
+def check_dest(dest: str, file, line, fname) -> str:
+    """A destination on the FAT volume: relative, no '..', every component storable on FAT."""
+    allowed = "a relative path like EFI/BOOT/grub.cfg; no '..', no characters \" * / : < > ? \\ |"
+    if dest.startswith("/") or dest.startswith("\\") or re.match(r"^[A-Za-z]:", dest):
+        raise RecipeError(file, f"{dest!r} is an absolute path", line=line, field=fname, allowed=allowed)
+    parts = PurePosixPath(dest).parts
+    if not parts:
+        raise RecipeError(file, "is empty", line=line, field=fname, allowed=allowed)
+    for part in parts:
+        if part in (".", ".."):
+            raise RecipeError(file, f"{dest!r} contains '{part}'", line=line, field=fname, allowed=allowed)
+        bad = sorted({c for c in part if c in FAT_FORBIDDEN or ord(c) < 0x20})
+        if bad or part.endswith((".", " ")) or len(part) > 255:
+            why = f"characters {''.join(bad)!r}" if bad else ("more than 255 characters" if len(part) > 255
+                                                              else "a trailing dot or space")
+            raise RecipeError(file, f"FAT cannot store the name {part!r} ({why})", line=line, field=fname,
+                              allowed=allowed)
+    return "/".join(parts)
