@@ -35,7 +35,7 @@ FILE_ENTRY = {
     "required": ["dest"],
     "properties": {**SOURCE_PROPS,
                    "dest": {"type": "string", "x-kind": "dest",
-                            "description": "Destination on the ESP, e.g. EFI/BOOT/grub.cfg."}},
+                            "description": "Destination path on the ESP (e.g. EFI/BOOT/grub.cfg) or in the initramfs."}},
     "description": "A file to place on the ESP: one source (file | url+sha256 | package+path) and a dest.",
 }
 
@@ -97,7 +97,7 @@ SCHEMA = {
             },
         },
         "bootloader": {
-            "type": "object", "additionalProperties": False, "required": ["type"],
+            "type": "object", "x-kind": "source", "additionalProperties": False, "required": ["type"],
             "description": "What goes to the removable path: a prebuilt EFI binary, GRUB2 or a unified kernel image.",
             "properties": {
                 "type": {"type": "string", "enum": ["efi", "grub", "uki"],

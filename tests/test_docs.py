@@ -1,0 +1,19 @@
+"""The README stays true: its recipe reference is the one the schema generates, and it
+starts with the two commands .ci/run relies on."""
+from pathlib import Path
+
+from builder.docs import BEGIN, END, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_recipe_reference_is_generated_from_schema():
+    text = (ROOT / "README.md").read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    assert text[start:end] == reference(), "run: python -m builder.docs --update (README is stale)"
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+    head = (ROOT / "README.md").read_text().split("## ", 1)[0]
+    assert "make demo" in head and "make test" in head
+    assert "exec make test" in (ROOT / ".ci" / "run").read_text()
