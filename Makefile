@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # grub-mkimage for GRUB loaders, gpgv + keyring for the archive, venv for the Python side.
 SYSTEM_PACKAGES := qemu-system-arm qemu-efi-aarch64 qemu-efi-arm fdisk dosfstools mtools \
 	genimage grub-common bmap-tools gdisk gpgv gnupg debian-archive-keyring xz-utils zstd \
-	python3-venv ca-certificates
+	python3-venv ca-certificates cpio gcc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test system-deps venv bench clean example
