@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from builder import __version__, spec
 from builder.errors import ArmvmError, RecipeError
+from builder.components import packages_used
 from builder.layout import PlannedFile, plan_layout
 
 
@@ -67,17 +68,6 @@ def lock_path(recipe) -> Path:
     return recipe.path.with_name(recipe.path.stem + ".lock")
 
 
-def _uses_packages(recipe) -> bool:
-    srcs = [e.source for p in recipe.disk.partitions for e in p.files]
-    if recipe.kernel:
-        srcs.append(recipe.kernel.source)
-    if recipe.initramfs:
-        srcs += [e.source for e in recipe.initramfs.files]
-    b = recipe.bootloader
-    return (any(s.kind == "package" for s in srcs) or recipe.initramfs is not None
-            or (b is not None and (b.type in ("grub", "uki") or (b.source and b.source.kind == "package"))))
-
-
 def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
     """(fetcher, archive or None, lock or None) for a recipe."""
     from builder.cache import Cache
@@ -96,7 +86,7 @@ def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
         archive = DebianArchive(fetcher, mirror=options.mirror or recipe.debian.mirror, suite=recipe.debian.suite,
                                 components=recipe.debian.components, arch=spec.ARCHES[recipe.arch].debian_arch,
                                 keyring=options.keyring, lock=lock, offline=options.offline)
-    elif _uses_packages(recipe):
+    elif packages_used(recipe):
         raise RecipeError(recipe.path, "the recipe uses Debian packages but has no `debian:` section",
                           field="debian", allowed="debian: {suite: trixie}")
     return fetcher, archive, lock, cache
@@ -194,6 +184,10 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
                 if recipe.output.direct:
                     _stage_direct(staging, recipe.name, ctx.direct)
             outputs = staging.commit()
+            if options.update_lock and archive is not None:
+                from builder.lock import write_lock
+                write_lock(lock_path(recipe), archive.make_lock(timestamp))
+                outputs.append(lock_path(recipe))
             return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -205,3 +199,33 @@ def _stage_direct(staging, name: str, direct) -> None:
         if src is not None:
             shutil.copyfile(src, staging.temp_path(f"{name}.{suffix}"))
     staging.write_text(f"{name}.cmdline", cmdline + "\n")
+
+
+def lock(recipe_path, options: BuildOptions = BuildOptions()) -> Path:
+    """Resolve every Debian package the recipe uses and write <recipe stem>.lock beside it."""
+    from builder.lock import write_lock
+    from builder.recipe import load_recipe
+    environ = os.environ if options.environ is None else options.environ
+    recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
+    _, archive, _, _ = open_inputs(recipe, options, use_lock=False)
+    if archive is None:
+        raise RecipeError(recipe.path, "the recipe uses no Debian package: there is nothing to lock",
+                          field="debian", allowed="a recipe with a debian: section")
+    for name, is_kernel in packages_used(recipe):
+        archive.resolve_kernel(name) if is_kernel else archive.resolve(name)
+    path = lock_path(recipe)
+    write_lock(path, archive.make_lock(source_date_epoch(recipe, environ)))
+    return path
+
+
+def vendor(recipe_path, dest: Path, options: BuildOptions = BuildOptions()) -> List[Path]:
+    """Export every .deb pinned by the recipe's lock into `dest` (for offline rebuilds)."""
+    from builder.lock import export_vendor, read_lock
+    from builder.recipe import load_recipe
+    environ = os.environ if options.environ is None else options.environ
+    recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
+    path = lock_path(recipe)
+    if not path.exists():
+        raise ArmvmError(f"{path} does not exist: run `armvm-build lock {recipe.path}` first")
+    fetcher, _, lock_, cache = open_inputs(recipe, options)
+    return export_vendor(lock_, cache, fetcher, dest)

@@ -79,9 +79,6 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
                                mirror=mirror, keyring=keyring, vendor_dirs=tuple(vendor),
                                update_lock=update_lock, progress=_progress(quiet or as_json))
         result = do_build(recipe, options)
-        if update_lock:
-            from builder.lockcmd import write_recipe_lock
-            write_recipe_lock(recipe, options)
     except ArmvmError as err:
         _fail(err, as_json)
     if as_json:
@@ -122,6 +119,106 @@ def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or ano
         _fail(err, as_json)
     typer.echo(json.dumps(report.to_json(), indent=2) if as_json else report.format_table())
     raise typer.Exit(report.exit_code(strict))
+
+
+@app.command()
+def boot(image: Path = typer.Argument(..., help="A raw disk image."),
+         arch: str = typer.Option("auto", "--arch", help="auto (from the loader on the ESP), aarch64 or armv7."),
+         timeout: float = typer.Option(180.0, "--timeout", help="Seconds before the guest counts as hung."),
+         gic: Optional[int] = typer.Option(None, "--gic", help="GIC version of the virt machine: 2 or 3."),
+         acpi: Optional[str] = typer.Option(None, "--acpi", help="AArch64: on (default virt) or off (device tree)."),
+         expect: Optional[str] = typer.Option(None, "--expect", help="Regex that counts as success on the console "
+                                              "(default: our images' marker line)."),
+         checks: bool = typer.Option(False, "--checks", help="Boot the runtime matrix and report rt.* checks."),
+         direct: bool = typer.Option(False, "--direct", help="Boot <name>.vmlinuz/.initrd/.cmdline beside the image "
+                                     "with -kernel/-initrd/-append (no firmware; outside the spec's image contract)."),
+         interactive: bool = typer.Option(False, "--interactive", help="Serial console on this terminal; no marker wait."),
+         qemu_arg: List[str] = typer.Option([], "--qemu-arg", help="Extra QEMU argument (repeatable)."),
+         verbose: bool = typer.Option(False, "-v", "--verbose", help="Stream the guest console to stderr."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
+    """Boot an image under QEMU with the AAVMF firmware and report what the guest saw."""
+    if arch not in ("auto", "aarch64", "armv7"):
+        raise typer.BadParameter("use auto, aarch64 or armv7", param_hint="--arch")
+    if gic not in (None, 2, 3):
+        raise typer.BadParameter("use 2 or 3", param_hint="--gic")
+    if acpi not in (None, "on", "off"):
+        raise typer.BadParameter("use on or off", param_hint="--acpi")
+    from builder import bootcheck
+    from builder.errors import NotAnImageError
+    on_line = (lambda line: typer.echo(line, err=True)) if verbose else None
+    try:
+        if not image.is_file():
+            raise NotAnImageError(f"{image}: no such image file")
+        if arch == "auto":
+            arch = bootcheck.detect_arch(image)
+        if checks:
+            out = bootcheck.run_checks(image, arch=arch, timeout=timeout, qemu_args=qemu_arg, on_line=on_line)
+            if as_json:
+                typer.echo(json.dumps({**out, "checks": [c.__dict__ for c in out["checks"]]}, indent=2))
+            else:
+                for sc in out["scenarios"]:
+                    typer.echo(f"{sc['scenario']}: {'ok' if sc['ok'] else 'FAILED: ' + sc['reason']} {sc['events']}")
+                typer.echo(bootcheck.check_table(out["checks"]))
+            raise typer.Exit(0 if out["ok"] else EXIT_FAILED)
+        from builder.boot import boot_image
+        direct_args = _direct_files(image) if direct else None
+        res = boot_image(image, arch=arch, timeout=timeout, gic=gic, acpi=None if acpi is None else acpi == "on",
+                         expect=expect, interactive=interactive, qemu_args=qemu_arg, direct=direct_args,
+                         sector_size=bootcheck.sector_size_of(image), on_line=on_line)
+    except ArmvmError as err:
+        _fail(err, as_json)
+    if as_json:
+        typer.echo(json.dumps({"ok": res.ok, "reason": res.reason, "events": res.events,
+                               "command": res.command, "timed_out": res.timed_out}, indent=2))
+    else:
+        typer.echo(("booted: " if res.ok else "boot FAILED: ") + res.reason)
+        for k, v in sorted(res.events.items(), key=lambda kv: kv[1]):
+            typer.echo(f"  {v:7.2f}s  {k}")
+    raise typer.Exit(0 if res.ok else EXIT_FAILED)
+
+
+def _direct_files(image: Path):
+    from builder.errors import NotAnImageError
+    stem = image.with_suffix("")
+    kernel, initrd, cmdline = (Path(f"{stem}.vmlinuz"), Path(f"{stem}.initrd"), Path(f"{stem}.cmdline"))
+    if not kernel.is_file():
+        raise NotAnImageError(f"{kernel} not found: build with `output: {{direct: true}}` for direct boot")
+    return (kernel, initrd if initrd.is_file() else None,
+            cmdline.read_text().strip() if cmdline.is_file() else "")
+
+
+@app.command("lock")
+def lock_cmd(recipe: Path = typer.Argument(..., help="The recipe."),
+             set_: List[str] = typer.Option([], "--set", help="Template variable name=value (repeatable)."),
+             mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror URL."),
+             keyring: Optional[Path] = typer.Option(None, "--keyring", help="OpenPGP keyring for InRelease."),
+             quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars.")):
+    """Pin every Debian package the recipe uses (and SOURCE_DATE_EPOCH) in <recipe stem>.lock."""
+    from builder.build import BuildOptions, lock
+    from builder.recipe import parse_set
+    try:
+        path = lock(recipe, BuildOptions(overrides=parse_set(set_), mirror=mirror, keyring=keyring,
+                                         progress=_progress(quiet)))
+    except ArmvmError as err:
+        _fail(err, False)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("vendor")
+def vendor_cmd(recipe: Path = typer.Argument(..., help="The recipe (its .lock must exist)."),
+               dest: Path = typer.Argument(..., help="Folder to export the pinned .deb files to."),
+               set_: List[str] = typer.Option([], "--set", help="Template variable name=value (repeatable)."),
+               offline: bool = typer.Option(False, "--offline", help="Only from the cache; no network."),
+               quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars.")):
+    """Export the files a lock pins, so the image can be rebuilt after the archive moves on."""
+    from builder.build import BuildOptions, vendor
+    from builder.recipe import parse_set
+    try:
+        paths = vendor(recipe, dest, BuildOptions(overrides=parse_set(set_), offline=offline,
+                                                  progress=_progress(quiet)))
+    except ArmvmError as err:
+        _fail(err, False)
+    typer.echo(f"exported {len(paths)} file(s) to {dest}")
 
 
 @app.command()

@@ -88,6 +88,36 @@ def package_tree(ctx: Context, name: str, role: str, *, kernel: bool = False):
     return tree, pkg
 
 
+def loader_package(recipe: Recipe) -> Optional[str]:
+    """The Debian package the bootloader comes from (grub/uki), honouring an override."""
+    b, arch = recipe.bootloader, spec.ARCHES[recipe.arch]
+    if b is None or b.type == "efi":
+        return None
+    if b.source is not None and b.source.package:
+        return b.source.package
+    if b.type == "uki":
+        return "systemd-boot-efi"
+    return f"grub-efi-{arch.debian_arch}-signed" if b.signed else f"grub-efi-{arch.debian_arch}-bin"
+
+
+def packages_used(recipe: Recipe) -> List[tuple]:
+    """(package name, is_kernel) for every Debian package a build of `recipe` needs."""
+    out = []
+    if recipe.kernel and recipe.kernel.source.kind == "package":
+        out.append((recipe.kernel.source.package, True))
+    if recipe.initramfs:
+        out.append((recipe.initramfs.busybox, False))
+        out += [(e.source.package, False) for e in recipe.initramfs.files if e.source.kind == "package"]
+    if loader_package(recipe):
+        out.append((loader_package(recipe), False))
+    b = recipe.bootloader
+    if b and b.type == "efi" and b.source and b.source.kind == "package":
+        out.append((b.source.package, False))
+    out += [(e.source.package, False) for p in recipe.disk.partitions for e in p.files
+            if e.source.kind == "package"]
+    return list(dict.fromkeys(out))
+
+
 def prepare_kernel(ctx: Context):
     """-> (kernel image path, KernelInfo or None)."""
     from builder.kernel import inspect_kernel
@@ -136,12 +166,9 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
     if b.type == "grub":
         template = b.config.read_text() if b.config else None
         cfg = bl.render_grub_cfg(cmdline=cmdline, template=template)
+        tree, _ = package_tree(ctx, loader_package(ctx.recipe), "bootloader")
         if b.signed:
-            name = b.source.package if b.source and b.source.package else f"grub-efi-{arch.debian_arch}-signed"
-            tree, _ = package_tree(ctx, name, "bootloader")
             return bl.find_signed_grub(tree, arch), cfg, "grub-signed"
-        name = b.source.package if b.source and b.source.package else f"grub-efi-{arch.debian_arch}-bin"
-        tree, _ = package_tree(ctx, name, "bootloader")
         with ctx.stage("loader"):
             out = bl.build_grub(arch=arch, grub_tree=tree, out=ctx.work / arch.removable_name,
                                 extra_modules=b.modules)
@@ -151,8 +178,7 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
     if kernel is None or initrd is None:
         raise RecipeError(ctx.recipe.path, "a UKI needs a kernel and an initramfs", field="bootloader.type",
                           allowed="kernel: and initramfs: sections")
-    name = b.source.package if b.source and b.source.package else "systemd-boot-efi"
-    tree, _ = package_tree(ctx, name, "bootloader")
+    tree, _ = package_tree(ctx, loader_package(ctx.recipe), "bootloader")
     osrel = (f'NAME="armvm-build"\nID=armvm\nPRETTY_NAME="{ctx.recipe.name} (armvm-build)"\n'
              f'IMAGE_ID={ctx.recipe.name}\n')
     with ctx.stage("loader"):
