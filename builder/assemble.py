@@ -1,7 +1,6 @@
 """Write a Layout into a sparse raw image file (the only stage that touches the disk file)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from builder.errors import ArmvmError
@@ -36,4 +35,5 @@ def write_image(layout: Layout, path: Path) -> None:
                         files=[FatFile(x.dest, x.source, x.size) for x in p.files],
                         label=p.label, serial=p.serial, timestamp=layout.timestamp)
         f.flush()
-        os.fsync(f.fileno())
+        # No fsync: publication is atomic by rename (an interrupted build leaves only a temp
+        # file); durability across power loss is the caller's `sync`, as with genimage/mkfs.

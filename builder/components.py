@@ -97,7 +97,8 @@ def loader_package(recipe: Recipe) -> Optional[str]:
         return b.source.package
     if b.type == "uki":
         return "systemd-boot-efi"
-    return f"grub-efi-{arch.debian_arch}-signed" if b.signed else f"grub-efi-{arch.debian_arch}-bin"
+    from builder.bootloader import grub_package
+    return grub_package(arch, signed=b.signed)
 
 
 def packages_used(recipe: Recipe) -> List[tuple]:

@@ -71,7 +71,10 @@ def _yaml_problem(exc) -> str:
 
 
 def render(text: str, variables: Mapping[str, Any], file) -> str:
-    """Render the recipe text with Jinja2 in a sandbox; undefined variables are errors."""
+    """Render the recipe text with Jinja2 in a sandbox; undefined variables are errors.
+    Text without template syntax is returned as is (and Jinja2 is not even imported)."""
+    if "{{" not in text and "{%" not in text and "{#" not in text:
+        return text
     import jinja2
     from jinja2.sandbox import SandboxedEnvironment
     env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,

@@ -1,0 +1,239 @@
+"""QEMU for ARM VM images: firmware lookup, KVM detection, the command line, and a small
+probe that reads an image's sector size and removable-path loader name.
+
+Plain data in, plain data out; boot.py runs the command and reads the console.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import spec
+from .errors import ArmvmError, MissingToolError, NotAnImageError
+
+GIC_VERSIONS = (2, 3)
+MMIO_BLK_BYTES = 1024 * 1024          # the blank virtio-mmio disk of extra_virtio
+KVM_HOSTS = {"aarch64": ("aarch64", "arm64"), "armv7": ("armv7l", "armv8l")}
+
+
+def arch_of(name) -> spec.Arch:
+    """A spec.Arch from a recipe name ('aarch64', 'armv7') or Debian name ('arm64', 'armhf')."""
+    if isinstance(name, spec.Arch):
+        return name
+    for a in spec.ARCHES.values():
+        if name in (a.name, a.debian_arch):
+            return a
+    raise ArmvmError(f"unknown architecture '{name}' (allowed: "
+                     f"{', '.join(sorted(spec.ARCHES))}, or 'auto')")
+
+
+def find_firmware(arch) -> tuple[Path, Path]:
+    """AAVMF code and variable-store templates; env ARMVM_FIRMWARE_CODE/_VARS override."""
+    a = arch_of(arch)
+    code = Path(os.environ.get("ARMVM_FIRMWARE_CODE") or a.firmware_code)
+    vars_ = Path(os.environ.get("ARMVM_FIRMWARE_VARS") or a.firmware_vars)
+    for p in (code, vars_):
+        if not p.is_file():
+            raise MissingToolError(str(p), a.firmware_package, f"to boot {a.name} images")
+    return code, vars_
+
+
+def find_qemu(arch) -> str:
+    a = arch_of(arch)
+    exe = shutil.which(a.qemu)
+    if exe is None:
+        raise MissingToolError(a.qemu, "qemu-system-arm", f"to boot {a.name} images")
+    return exe
+
+
+def kvm_usable(arch, *, host_machine: str | None = None, kvm_path: str = "/dev/kvm") -> bool:
+    """KVM only when /dev/kvm is there and the host CPU runs the guest's architecture."""
+    a = arch_of(arch)
+    machine = (host_machine if host_machine is not None else platform.machine()).lower()
+    return machine in KVM_HOSTS[a.name] and os.access(kvm_path, os.R_OK | os.W_OK)
+
+
+def _opt(value) -> str:
+    """Escape a value for QEMU's key=value option syntax (a comma is written twice)."""
+    return str(value).replace(",", ",,")
+
+
+def qemu_command(*, arch, qemu: str, image: Path | None = None,
+                 firmware: tuple[Path, Path] | None = None, gic: int | None = None,
+                 acpi: bool | None = None, kvm: bool = False, extra_virtio: bool = False,
+                 direct: tuple | None = None, sector_size: int | None = None,
+                 memory_mb: int = 1024, cpus: int = 2,
+                 qemu_args: Sequence[str] = ()) -> list[str]:
+    """The QEMU command line. `firmware` is (code, writable vars copy); `direct` is
+    (kernel, initrd or None, cmdline) for a boot without firmware."""
+    a = arch_of(arch)
+    machine = "virt"
+    if gic is not None:
+        if gic not in GIC_VERSIONS:
+            raise ArmvmError(f"GIC version {gic!r} is not supported (allowed: 2, 3)")
+        machine += f",gic-version={gic}"
+    if acpi is not None:
+        if a.name != "aarch64" and acpi:
+            raise ArmvmError("ACPI is only available for aarch64 guests; armv7 boots from "
+                             "the device tree")
+        if direct is not None and acpi:
+            raise ArmvmError("ACPI tables come from the firmware: a direct kernel boot "
+                             "(no firmware) always uses the device tree")
+        if a.name == "aarch64" or not acpi:
+            machine += ",acpi=" + ("on" if acpi else "off")
+    if not 128 <= int(memory_mb) <= 65536:
+        raise ArmvmError(f"memory {memory_mb} MiB is not allowed (allowed: 128..65536)")
+    if not 1 <= int(cpus) <= 64:
+        raise ArmvmError(f"cpus {cpus} is not allowed (allowed: 1..64)")
+    cpu = "host" if kvm else a.qemu_cpu
+    cmd = [qemu, "-M", machine, "-cpu", cpu, "-m", str(int(memory_mb)), "-smp", str(int(cpus)),
+           "-nographic", "-no-reboot"]
+    if kvm:
+        cmd.insert(1, "-enable-kvm")
+    if direct is not None:
+        kernel, initrd, cmdline = direct
+        cmd += ["-kernel", str(kernel)]
+        if initrd:
+            cmd += ["-initrd", str(initrd)]
+        cmd += ["-append", str(cmdline or "")]
+    elif firmware is not None:
+        code, vars_copy = firmware
+        cmd += ["-drive", f"if=pflash,format=raw,readonly=on,file={_opt(code)}",
+                "-drive", f"if=pflash,format=raw,file={_opt(vars_copy)}"]
+    else:
+        raise ArmvmError("nothing to boot: give firmware or a direct kernel")
+    if image is not None:
+        blk = "virtio-blk-pci,drive=disk0"
+        if sector_size not in (None, 512, 4096):
+            raise ArmvmError(f"sector size {sector_size} is not supported (allowed: 512, 4096)")
+        if sector_size == 4096:
+            blk += ",logical_block_size=4096,physical_block_size=4096"
+        cmd += ["-drive", f"if=none,id=disk0,format=raw,file={_opt(image)},snapshot=on",
+                "-device", blk]
+    if extra_virtio:
+        cmd += [
+            # PCI: network (isolated user-mode backend), balloon, console (virtio-serial)
+            "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0",
+            "-device", "virtio-balloon-pci",
+            "-device", "virtio-serial-pci", "-chardev", "null,id=vcon0",
+            "-device", "virtconsole,chardev=vcon0",
+            # MMIO: a blank block device, network, balloon and console (the spec's four)
+            "-blockdev", f"driver=null-co,node-name=mmioblk0,size={MMIO_BLK_BYTES},"
+                         "read-zeroes=on",
+            "-device", "virtio-blk-device,drive=mmioblk0",
+            "-netdev", "user,id=net1,restrict=on", "-device", "virtio-net-device,netdev=net1",
+            "-device", "virtio-balloon-device",
+            "-device", "virtio-serial-device", "-chardev", "null,id=vcon1",
+            "-device", "virtconsole,chardev=vcon1",
+        ]
+    cmd += [str(x) for x in qemu_args]
+    return cmd
+
+
+# --- image probe: GPT -> ESP -> FAT \EFI\BOOT\BOOT*.EFI ----------------------------------
+
+@dataclass(frozen=True)
+class ImageInfo:
+    arch: str | None          # spec.ARCHES key of the loader found, None if none
+    sector_size: int
+
+
+ESP_GUID_BYTES = spec.ESP_TYPE_GUID.bytes_le
+MAX_DIR_CLUSTERS = 4096        # bound on a directory's cluster chain
+
+
+def probe_image(path: Path) -> ImageInfo:
+    """Find the GPT's sector size and which removable-path loader the ESP holds."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise NotAnImageError(f"{path}: cannot open: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+
+        def read(off: int, n: int) -> bytes:
+            if off < 0 or n < 0 or off + n > size:
+                raise NotAnImageError(f"{path}: truncated (read at {off} past the end)")
+            f.seek(off)
+            return f.read(n)
+
+        for ss in spec.SECTOR_SIZES:
+            if size >= 2 * ss and read(ss, 8) == spec.GPT_SIGNATURE:
+                break
+        else:
+            raise NotAnImageError(f"{path}: no GPT header at LBA 1 (512 or 4096-byte "
+                                  f"sectors): not a disk image")
+        hdr = read(ss, 92)
+        entry_lba, count, esize = struct.unpack_from("<QII", hdr, 72)
+        if not (1 <= count <= 4096 and 128 <= esize <= 4096):
+            raise NotAnImageError(f"{path}: GPT entry array {count} x {esize} is not sane")
+        entries = read(entry_lba * ss, count * esize)
+        for i in range(count):
+            e = entries[i * esize:(i + 1) * esize]
+            if e[:16] == ESP_GUID_BYTES:
+                first = struct.unpack_from("<Q", e, 32)[0]
+                return ImageInfo(_fat_loader_arch(read, first * ss), ss)
+        return ImageInfo(None, ss)
+
+
+def _fat_loader_arch(read, base: int) -> str | None:
+    bpb = read(base, 512)
+    bps, spc, rsvd, nfats, root_cnt, tot16, _media, fatsz16 = struct.unpack_from(
+        "<HBHBHHBH", bpb, 11)
+    tot32, fatsz32, _flags, _ver, root_clus = struct.unpack_from("<IIHHI", bpb, 32)
+    if bps not in spec.FAT_BYTES_PER_SECTOR or spc == 0 or nfats == 0 or bpb[510:] != b"\x55\xaa":
+        return None
+    fatsz = fatsz16 or fatsz32
+    fat_off = base + rsvd * bps
+    root_off = fat_off + nfats * fatsz * bps
+    data_off = root_off + ((root_cnt * 32 + bps - 1) // bps) * bps
+    csize = spc * bps
+    total = (tot16 or tot32) - (data_off - base) // bps
+    nclusters = max(total // spc, 0)
+    fat32 = nclusters >= spec.FAT16_MAX_CLUSTERS
+
+    def chain(first: int) -> bytes:
+        out, c = [], first
+        for _ in range(MAX_DIR_CLUSTERS):
+            if not 2 <= c < nclusters + 2:
+                break
+            out.append(read(data_off + (c - 2) * csize, csize))
+            if fat32:
+                c = struct.unpack("<I", read(fat_off + 4 * c, 4))[0] & 0x0FFFFFFF
+            elif nclusters >= spec.FAT12_MAX_CLUSTERS:
+                c = struct.unpack("<H", read(fat_off + 2 * c, 2))[0]
+                c = c if c < 0xFFF8 else 0
+            else:
+                return b"".join(out)      # FAT12 ESPs: first cluster only
+        return b"".join(out)
+
+    def lookup(dirdata: bytes, name83: bytes):
+        for off in range(0, len(dirdata) - 31, 32):
+            ent = dirdata[off:off + 32]
+            if ent[0] == 0:
+                return None
+            if ent[0] == 0xE5 or ent[11] == spec.FAT_ATTR_LONG_NAME:
+                continue
+            if ent[:11].upper() == name83:
+                hi, lo = struct.unpack_from("<H", ent, 20)[0], struct.unpack_from("<H", ent, 26)[0]
+                return ent[11], (hi << 16 | lo) if fat32 else lo
+        return None
+
+    root = chain(root_clus) if fat32 else read(root_off, root_cnt * 32)
+    d = root
+    for name in (b"EFI        ", b"BOOT       "):
+        hit = lookup(d, name)
+        if hit is None or not hit[0] & spec.FAT_ATTR_DIRECTORY:
+            return None
+        d = chain(hit[1])
+    for a in spec.ARCHES.values():
+        stem, ext = a.removable_name.split(".")
+        if lookup(d, (stem.ljust(8) + ext.ljust(3)).encode()) is not None:
+            return a.name
+    return None
