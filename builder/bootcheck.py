@@ -17,12 +17,18 @@ class Scenario:
     name: str
     gic: int
     acpi: bool
+    balloon: str        # QEMU allows one balloon device: which transport carries it
+
+
+# virtio device IDs: 1 net, 2 block, 3 console, 5 balloon
+def _expected(balloon: str) -> dict:
+    return {t: [1, 2, 3] + ([5] if t == balloon else []) for t in ("pci", "mmio")}
 
 
 def scenarios(arch: str) -> List[Scenario]:
     if arch == "aarch64":
-        return [Scenario("gicv2-acpi", 2, True), Scenario("gicv3-dt", 3, False)]
-    return [Scenario("gicv2-dt", 2, False), Scenario("gicv3-dt", 3, False)]
+        return [Scenario("gicv2-acpi", 2, True, "pci"), Scenario("gicv3-dt", 3, False, "mmio")]
+    return [Scenario("gicv2-dt", 2, False, "pci"), Scenario("gicv3-dt", 3, False, "mmio")]
 
 
 def detect_arch(image: Path) -> str:
@@ -50,14 +56,17 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
     results, checks = [], []
     for sc in scenarios(arch):
         res = boot_image(image, arch=arch, timeout=timeout, gic=sc.gic, acpi=sc.acpi if arch == "aarch64" else None,
-                         extra_virtio=True, qemu_args=qemu_args, sector_size=sector_size_of(image),
+                         extra_virtio=sc.balloon, qemu_args=qemu_args, sector_size=sector_size_of(image),
                          on_line=on_line)
         facts = parse_runtime_report(res.console)
         scenario = {"gic": sc.gic, "acpi": sc.acpi, "virtio_transports": ["pci", "mmio"],
+                    "virtio_devices": _expected(sc.balloon),
                     "reached_marker": res.ok or "marker" in res.events,
                     "powered_off": res.exit_status is not None and not res.timed_out,
                     "loader_seen": "loader" in res.events}
-        sc_checks = runtime_checks(facts, arch=arch, scenario=scenario)
+        from dataclasses import replace
+        sc_checks = [replace(c, detail=f"[{sc.name}] {c.detail}")
+                     for c in runtime_checks(facts, arch=arch, scenario=scenario)]
         results.append({"scenario": sc.name, "ok": res.ok, "reason": res.reason,
                         "events": {k: round(v, 2) for k, v in res.events.items()},
                         "checks": [c.__dict__ if not hasattr(c, "to_json") else c.to_json() for c in sc_checks]})
@@ -68,13 +77,17 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
 
 
 def _merge(checks) -> list:
-    """One result per check id: fail wins over pass, pass over skip."""
+    """One result per check id over all scenarios: fail wins over warn, warn over pass,
+    pass over skip; details of the winning result are joined."""
+    from dataclasses import replace
     rank = {"fail": 3, "warn": 2, "pass": 1, "skip": 0}
     best = {}
     for c in checks:
         cur = best.get(c.id)
         if cur is None or rank[c.result] > rank[cur.result]:
             best[c.id] = c
+        elif rank[c.result] == rank[cur.result] and c.detail != cur.detail:
+            best[c.id] = replace(cur, detail=f"{cur.detail}; {c.detail}")
     return [best[k] for k in sorted(best)]
 
 

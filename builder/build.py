@@ -156,9 +156,9 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
             report_json = canonical_json(report.to_json())
             ok = report.exit_code() == 0
             if not ok:
-                staging.discard()
                 failed = out_dir / f"{recipe.name}.failed.raw"
-                os.replace(image_tmp, failed) if image_tmp.exists() else None
+                os.replace(image_tmp, failed)
+                staging.discard()
                 (out_dir / f"{recipe.name}.verify.json").write_text(report_json)
                 bad = ", ".join(ch.id for ch in report.checks if ch.level == "MUST" and ch.result == "fail")
                 return BuildResult(False, recipe.name, failed, [failed], ctx.stages, report,

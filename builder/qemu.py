@@ -119,7 +119,7 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
         cmd += [
             # PCI: network (isolated user-mode backend), balloon, console (virtio-serial)
             "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0",
-            "-device", "virtio-balloon-pci",
+            *(["-device", "virtio-balloon-pci"] if extra_virtio != "mmio" else []),
             "-device", "virtio-serial-pci", "-chardev", "null,id=vcon0",
             "-device", "virtconsole,chardev=vcon0",
             # MMIO: a blank block device, network, balloon and console (the spec's four)
@@ -127,7 +127,8 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
                          "read-zeroes=on",
             "-device", "virtio-blk-device,drive=mmioblk0",
             "-netdev", "user,id=net1,restrict=on", "-device", "virtio-net-device,netdev=net1",
-            "-device", "virtio-balloon-device",
+            # QEMU allows one balloon: on PCI by default, on MMIO with extra_virtio="mmio"
+            *(["-device", "virtio-balloon-device"] if extra_virtio == "mmio" else []),
             "-device", "virtio-serial-device", "-chardev", "null,id=vcon1",
             "-device", "virtconsole,chardev=vcon1",
         ]

@@ -201,8 +201,10 @@ def test_extra_virtio():
     devices = [c[i + 1].split(",")[0] for i, a in enumerate(c) if a == "-device"]
     assert devices == ["virtio-blk-pci", "virtio-net-pci", "virtio-balloon-pci",
                        "virtio-serial-pci", "virtconsole", "virtio-blk-device",
-                       "virtio-net-device", "virtio-balloon-device", "virtio-serial-device",
-                       "virtconsole"]
+                       "virtio-net-device", "virtio-serial-device", "virtconsole"]
+    c = cmd(extra_virtio="mmio")
+    devices = [c[i + 1].split(",")[0] for i, a in enumerate(c) if a == "-device"]
+    assert devices.count("virtio-balloon-device") == 1 and "virtio-balloon-pci" not in devices
     netdevs = [c[i + 1] for i, a in enumerate(c) if a == "-netdev"]
     assert netdevs and all("restrict=on" in n for n in netdevs)     # no way out of the VM
     assert "virtio-net-pci" not in " ".join(cmd())

@@ -2,7 +2,7 @@
 starts with the two commands .ci/run relies on."""
 from pathlib import Path
 
-from builder.docs import BEGIN, END, reference
+from builder.docs import BEGIN, CHECKS_BEGIN, CHECKS_END, END, checks_reference, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -11,6 +11,8 @@ def test_readme_recipe_reference_is_generated_from_schema():
     text = (ROOT / "README.md").read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
     assert text[start:end] == reference(), "run: python -m builder.docs --update (README is stale)"
+    start, end = text.index(CHECKS_BEGIN), text.index(CHECKS_END) + len(CHECKS_END)
+    assert text[start:end] == checks_reference(), "run: python -m builder.docs --update (README is stale)"
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():

@@ -1,0 +1,85 @@
+"""``armvm-build verify``: check any raw disk image against the ARM VM System Specification.
+
+The readers here (GPT, FAT, PE/COFF, kernel headers, cpio, grub.cfg, module .modinfo) are
+written independently of the image writers: they share only builder/spec.py constants,
+so a writer bug cannot hide behind a reader with the same bug.
+
+    report = verify_image("disk.raw")               # arch from the loader, vmspec-2.0
+    print(report.format_table()); sys.exit(report.exit_code(strict=False))
+"""
+from __future__ import annotations
+
+import os
+import stat
+
+from builder import spec
+from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
+from builder.verify import checks_image, checks_os
+from builder.verify.blob import FileBlob
+from builder.verify.catalog import (CHECKS, DEFAULT_PROFILE, PROFILES, STATIC_IDS,
+                                    check_profile, make_check)
+from builder.verify.report import Check, Report
+from builder.verify.runtime import (RuntimeFacts, merge_runtime, parse_runtime_report,
+                                     runtime_checks)
+
+__all__ = ["verify_image", "Check", "Report", "PROFILES", "CHECKS", "STATIC_IDS",
+           "RuntimeFacts", "parse_runtime_report", "runtime_checks", "merge_runtime"]
+
+ARCH_CHOICES = ("auto",) + tuple(spec.ARCHES)
+# Tests set this to surface verifier bugs as exceptions instead of failed checks.
+_RAISE_INTERNAL = False
+
+
+def _guard(ctx, ids, fn) -> None:
+    try:
+        fn()
+    except NotAnImageError:
+        raise
+    except Exception as e:  # a verifier bug must not become a traceback for the user
+        if _RAISE_INTERNAL:
+            raise
+        for cid in ids:
+            ctx.set(cid, "fail", f"verifier error ({type(e).__name__}: {e}); the image could "
+                                 "not be judged, please report this")
+
+
+def _open_image(path: str):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise NotAnImageError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise NotAnImageError(f"{path}: is a directory, not a disk image")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise NotAnImageError(f"{path}: not a regular file or block device")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise NotAnImageError(f"{path}: cannot open it ({e.strerror or e})") from None
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    if size == 0:
+        f.close()
+        raise NotAnImageError(f"{path}: empty file, not a disk image")
+    return f, size
+
+
+def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE) -> Report:
+    """Run every static check on the image at ``path``.
+
+    Raises NotAnImageError (exit 3) when ``path`` is not a readable disk image at all, and
+    ArmvmError (exit 2) for an unknown ``arch`` or ``profile``.
+    """
+    check_profile(profile)
+    if arch not in ARCH_CHOICES:
+        raise ArmvmError(f"verify: arch '{arch}' is not known (allowed: "
+                         f"{', '.join(ARCH_CHOICES)})", exit_code=EXIT_USAGE)
+    name = os.fspath(path)
+    f, size = _open_image(name)
+    with f:
+        ctx = checks_image.Context(profile, FileBlob(f, 0, None, size))
+        checks_image.run(ctx, arch, _guard)
+        _guard(ctx, checks_os.OS_IDS, lambda: checks_os.run(ctx))
+    checks = tuple(make_check(cid, profile, *ctx.results.get(cid, ("skip", "not evaluated")))
+                   for cid in STATIC_IDS)
+    return Report(name, ctx.arch, profile, checks)

@@ -1,0 +1,146 @@
+"""The checks ``verify`` knows: stable IDs, levels per profile, requirement text and sources.
+
+IDs and levels follow REQUIREMENTS.md. Levels differ between profiles only for the virtio
+and Xen PV consoles (MUST under the 2014 RFC v2 and v1.0, SHOULD under v2.0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from builder.errors import EXIT_USAGE, ArmvmError
+from builder.verify.report import Check
+
+PROFILES = ("vmspec-2.0", "vmspec-1.0", "rfc-v2")
+DEFAULT_PROFILE = "vmspec-2.0"
+
+SPEC_NAME = {
+    "vmspec-2.0": "VM System Spec v2.0",
+    "vmspec-1.0": "VM System Spec v1.0",
+    "rfc-v2": "ARM VM System Spec RFC v2 (2014)",
+}
+# Section names of each specification version ({image}, {firmware}, {hw}, {images}).
+SECTIONS = {
+    "vmspec-2.0": {"image": "VM Image Format", "firmware": "Virtual Firmware",
+                   "hw": "Hardware Description", "images": "VM Images",
+                   "platform": "The VM Platform"},
+    "vmspec-1.0": {"image": "VM Image Format", "firmware": "Virtual Firmware",
+                   "hw": "Hardware Description", "images": "VM Images",
+                   "platform": "VM Platform"},
+    "rfc-v2": {"image": "Image format", "firmware": "Virtual Firmware",
+               "hw": "Hardware Description", "images": "VM Platform",
+               "platform": "VM Platform"},
+}
+GPT = "UEFI 2.6 §5.2.3, §5.3"
+FATSPEC = "Microsoft FAT Specification (fatgen103)"
+
+
+@dataclass(frozen=True)
+class CheckDef:
+    id: str
+    level: str                  # level under vmspec-2.0
+    requirement: str
+    source: str                 # template: {spec} and section keys of SECTIONS
+    must_under: tuple = ()      # profiles where a SHOULD becomes MUST
+
+    def level_for(self, profile: str) -> str:
+        return "MUST" if profile in self.must_under else self.level
+
+    def source_for(self, profile: str) -> str:
+        return self.source.format(spec=SPEC_NAME[profile], **SECTIONS[profile])
+
+
+_OLD = ("vmspec-1.0", "rfc-v2")
+_DEFS = [
+    CheckDef("gpt.pmbr", "MUST", "Protective MBR at LBA 0: one 0xEE record from LBA 1 covering "
+             "the disk (or 0xFFFFFFFF), other records zero, 0x55AA signature",
+             "{spec}, {image}; UEFI 2.6 §5.2.3"),
+    CheckDef("gpt.primary", "MUST", "Primary GPT header at LBA 1: signature, revision, header "
+             "size, header and entry-array CRC32, MyLBA, >= 16 KiB entry array",
+             "{spec}, {image}; UEFI 2.6 §5.3.2"),
+    CheckDef("gpt.backup", "MUST", "Backup GPT header at the last LBA with valid CRCs, its entry "
+             "array just before it and identical to the primary's",
+             "{spec}, {image}; UEFI 2.6 §5.3.2"),
+    CheckDef("gpt.partitions", "MUST", "Partitions within FirstUsableLBA..LastUsableLBA, not "
+             "overlapping, with unique partition GUIDs", "{spec}, {image}; UEFI 2.6 §5.3.3"),
+    CheckDef("gpt.alignment", "SHOULD", "Partitions start on 1 MiB boundaries",
+             "UEFI 2.6 §5.3.1 (alignment to physical blocks); 1 MiB convention"),
+    CheckDef("esp.type", "MUST", "Exactly one partition with the EFI System Partition type GUID "
+             "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "{spec}, {image}; UEFI 2.6 §5.3.3"),
+    CheckDef("esp.fat32", "MUST", "The ESP is FAT32 by cluster count (>= 65525) with a FAT32 BPB",
+             "{spec}, {image}; UEFI 2.6 §12.3.1.1; " + FATSPEC),
+    CheckDef("esp.fat-sane", "MUST", "FAT structures consistent: boot signature, sector size, "
+             "media byte, FSInfo, backup boot sector, size within the partition, identical "
+             "FATs, acyclic in-range cluster chains", FATSPEC + "; UEFI 2.6 §12.3.1.1"),
+    CheckDef("boot.path", "MUST", "The loader is at the removable media path of the target "
+             "architecture (\\EFI\\BOOT\\BOOTAA64.EFI or \\EFI\\BOOT\\BOOTARM.EFI)",
+             "{spec}, {image}; UEFI 2.6 §3.5.1.1"),
+    CheckDef("boot.pe", "MUST", "The loader is a PE/COFF EFI application for the target "
+             "(AArch64: machine 0xAA64, PE32+; AArch32: machine 0x01C2, PE32; subsystem 10)",
+             "{spec}, {image}; UEFI 2.6 §2.1.1, §2.3; Microsoft PE/COFF Specification"),
+    CheckDef("boot.no-nvram", "MUST", "Boots from the removable path alone; no UEFI firmware "
+             "binary (QEMU_EFI/AAVMF/OVMF .fd) shipped in the image",
+             "{spec}, {firmware}; UEFI 2.6 §3.5.1.1"),
+    CheckDef("boot.chain", "MUST", "Everything the loader needs is present (GRUB: grub.cfg where "
+             "the binary reads it and every kernel/initrd it names; UKI: .linux, .initrd and "
+             ".cmdline sections)", "{spec}, {image}"),
+    CheckDef("boot.kernel", "MUST", "The kernel is bootable by the chain (AArch64 Image 'ARM\\x64' "
+             "at 0x38 or EFI zboot; AArch32 zImage 0x016F2818 at 0x24; EFI stub machine = target)",
+             "{spec}, {hw}; Linux Documentation/arch/arm64/booting.rst, arch/arm/booting.rst"),
+    CheckDef("os.console.pl011", "MUST", "Console driver for the SBSA UART and PL011 built in "
+             "(SERIAL_AMBA_PL011, SERIAL_AMBA_PL011_CONSOLE)", "{spec}, {images}"),
+    CheckDef("os.gic", "MUST", "GICv2 and GICv3 support (ARM_GIC, ARM_GIC_V3)",
+             "{spec}, {images}"),
+    CheckDef("os.rtc-efi", "MUST", "Uses the UEFI RTC API for real time (RTC_DRV_EFI)",
+             "{spec}, {images}"),
+    CheckDef("os.console.virtio", "SHOULD", "virtio-console support (VIRTIO_CONSOLE over "
+             "VIRTIO_PCI or VIRTIO_MMIO)", "{spec}, {images}", _OLD),
+    CheckDef("os.console.xen", "SHOULD", "Xen PV console support (HVC_XEN, HVC_XEN_FRONTEND)",
+             "{spec}, {images}", _OLD),
+    CheckDef("os.virtio", "SHOULD", "virtio over PCI and MMIO for block, network, console and "
+             "balloon (VIRTIO_PCI, VIRTIO_MMIO, VIRTIO_BLK, VIRTIO_NET, VIRTIO_CONSOLE, "
+             "VIRTIO_BALLOON)", "{spec}, {images}"),
+    CheckDef("os.xen-pv", "SHOULD", "Xen PV block, network, console and balloon "
+             "(XEN_BLKDEV_FRONTEND, XEN_NETDEV_FRONTEND, HVC_XEN, XEN_BALLOON)",
+             "{spec}, {images}"),
+    CheckDef("os.acpi", "SHOULD", "AArch64: can boot from ACPI as well as from a device tree "
+             "(ACPI)", "VM System Spec v2.0, Hardware Description"),
+    CheckDef("os.psci", "SHOULD", "PSCI for secondary CPUs, shutdown and reboot (ARM_PSCI_FW)",
+             "VM System Spec v2.0, ARM Server Architecture (PSCI 0.2)"),
+    # Runtime: observed by booting the image under QEMU + AAVMF.
+    CheckDef("rt.removable-boot", "MUST", "With an empty variable store the firmware loads the "
+             "removable-path loader and it reaches the kernel",
+             "{spec}, {firmware}; UEFI 2.6 §3.5.1.1"),
+    CheckDef("rt.userspace", "MUST", "The guest reaches its init, reports the marker and powers "
+             "off cleanly (PSCI)", "{spec}, {images}"),
+    CheckDef("rt.gic", "MUST", "Boots with the GIC version the VM provides (gic-version=2 and 3)",
+             "{spec}, {platform}"),
+    CheckDef("rt.efi", "MUST", "The guest sees EFI (/sys/firmware/efi)", "{spec}, {firmware}"),
+    CheckDef("rt.acpi", "SHOULD", "AArch64 with ACPI firmware tables: the guest boots with ACPI "
+             "(/sys/firmware/acpi/tables)", "VM System Spec v2.0, Hardware Description"),
+    CheckDef("rt.dt", "MUST", "Without ACPI (and on AArch32 always) the guest boots from the "
+             "device tree (/sys/firmware/fdt)", "{spec}, {hw}"),
+    CheckDef("rt.rtc", "MUST", "rtc-efi is registered", "{spec}, {images}"),
+    CheckDef("rt.console", "MUST", "The console runs on a PL011/SBSA ttyAMA port",
+             "{spec}, {images}"),
+    CheckDef("rt.virtio", "SHOULD", "virtio block, network, console and balloon devices bound "
+             "to drivers over virtio-pci and virtio-mmio", "{spec}, {images}"),
+]
+CHECKS = {d.id: d for d in _DEFS}
+STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith("rt."))
+RUNTIME_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt."))
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ArmvmError(f"verify: profile '{profile}' is not known "
+                         f"(allowed: {', '.join(PROFILES)})", exit_code=EXIT_USAGE)
+    return profile
+
+
+def make_check(check_id: str, profile: str, result: str, detail: str) -> Check:
+    """Build a Check; a SHOULD that fails becomes 'warn'."""
+    d = CHECKS[check_id]
+    level = d.level_for(profile)
+    if result == "fail" and level == "SHOULD":
+        result = "warn"
+    return Check(check_id, level, d.requirement, d.source_for(profile), result, detail)

@@ -1,0 +1,71 @@
+"""Linux kernel image headers: AArch64 Image, EFI zboot, AArch32 zImage, EFI stub.
+
+Sources: Documentation/arch/arm64/booting.rst (Image header, magic "ARM\\x64" at 0x38),
+Documentation/arch/arm/booting.rst (zImage magic 0x016F2818 at 0x24), the EFI zboot
+header (drivers/firmware/efi/libstub/zboot-header.S: "zimg" at offset 4). GRUB >= 2.06 and
+systemd-stub start Linux through its EFI stub on both architectures, so the kernel must
+also be a PE image ("MZ") for the target's machine.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+
+from builder import spec
+from builder.verify.blob import Blob, BytesBlob
+from builder.verify.pe import PeError, machine_name, parse_pe
+
+GZIP_HEAD_LIMIT = 1 << 20
+
+
+def describe(blob: Blob) -> tuple:
+    """(description, arch) from the magic numbers; arch is 'aarch64', 'armv7', 'zboot'
+    (EFI zboot, arch from its PE header), 'gzip' (compressed Image) or None."""
+    head = blob.read_at(0, 0x40)
+    if head[:2] == b"MZ" and head[spec.ZBOOT_MAGIC_OFFSET:spec.ZBOOT_MAGIC_OFFSET + 4] \
+            == spec.ZBOOT_MAGIC:
+        return "EFI zboot image", "zboot"
+    off = spec.ARM64_IMAGE_MAGIC_OFFSET
+    if head[off:off + 4] == spec.ARM64_IMAGE_MAGIC:
+        return "AArch64 Image", "aarch64"
+    off = spec.ZIMAGE_MAGIC_OFFSET
+    if len(head) >= off + 4 and struct.unpack_from("<I", head, off)[0] == spec.ZIMAGE_MAGIC:
+        return "AArch32 zImage", "armv7"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip data", "gzip"
+    return "unknown", None
+
+
+def judge(blob: Blob, arch: str, via: str) -> tuple:
+    """(ok, detail): is ``blob`` a kernel the ``via`` chain ('grub'/'uki'/'loader') can boot?"""
+    kind, karch = describe(blob)
+    note = ""
+    if karch == "gzip":
+        if via != "grub" or arch != "aarch64":
+            return False, "the kernel is gzip data; only GRUB (with gzio) on AArch64 reads that"
+        d = zlib.decompressobj(31)
+        try:
+            head = d.decompress(blob.read_at(0, GZIP_HEAD_LIMIT), GZIP_HEAD_LIMIT)
+        except zlib.error as e:
+            return False, f"the kernel is corrupt gzip data ({e})"
+        blob, note = BytesBlob(head), " (gzip-compressed; GRUB needs its gzio module)"
+        kind, karch = describe(blob)
+    if karch == "zboot":
+        karch = "aarch64"       # EFI zboot exists for arm64 (and non-ARM targets) only
+    if karch is None:
+        return False, ("no kernel magic: neither 'ARM\\x64' at 0x38, 'zimg' at 4, nor "
+                       "0x016F2818 at 0x24")
+    if karch != arch:
+        return False, f"{kind}, which is not an {arch} kernel"
+    want = spec.ARCHES[arch].pe_machine
+    try:
+        pe = parse_pe(blob)
+    except PeError as e:
+        return False, (f"{kind} without a usable EFI stub ({e}); GRUB >= 2.06 and systemd-stub "
+                       "need CONFIG_EFI_STUB")
+    if pe.machine != want:
+        return False, f"{kind} whose EFI stub has machine {machine_name(pe.machine)}, " \
+                      f"expected {machine_name(want)}"
+    if pe.subsystem != spec.PE_SUBSYSTEM_EFI_APPLICATION:
+        return False, f"{kind} whose EFI stub has subsystem {pe.subsystem}, expected 10"
+    return True, f"{kind} with EFI stub (machine {machine_name(pe.machine)}){note}"

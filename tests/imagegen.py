@@ -1,0 +1,319 @@
+"""Test fixtures for verify: disk images made with EXTERNAL tools, never with builder/.
+
+GPT: sfdisk; ESP: mkfs.fat on a separate partition file, mtools (mmd/mcopy) for files,
+dd to place it. The payloads are generated here: minimal PE/COFF EFI applications,
+fake kernels (AArch64 Image / AArch32 zImage headers that are also PE images), minimal
+ELF64 kernel modules with a .modinfo section, and newc cpio archives.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import subprocess
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_ARM64_GUID = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"
+MIB = 1 << 20
+KVER = "6.1.0-99-test"
+MACHINE = {"aarch64": 0xAA64, "armv7": 0x01C2}
+MAGIC = {"aarch64": 0x20B, "armv7": 0x10B}
+REMOVABLE = {"aarch64": "BOOTAA64.EFI", "armv7": "BOOTARM.EFI"}
+GOOD_CONFIG = """# test kernel config
+CONFIG_SERIAL_AMBA_PL011=y
+CONFIG_SERIAL_AMBA_PL011_CONSOLE=y
+CONFIG_ARM_GIC=y
+CONFIG_ARM_GIC_V3=y
+CONFIG_RTC_DRV_EFI=y
+CONFIG_VIRTIO=y
+CONFIG_VIRTIO_PCI=y
+CONFIG_VIRTIO_MMIO=m
+CONFIG_VIRTIO_BLK=m
+CONFIG_VIRTIO_NET=m
+CONFIG_VIRTIO_CONSOLE=y
+CONFIG_VIRTIO_BALLOON=m
+CONFIG_HVC_XEN=y
+CONFIG_HVC_XEN_FRONTEND=y
+CONFIG_XEN_BLKDEV_FRONTEND=m
+CONFIG_XEN_NETDEV_FRONTEND=m
+CONFIG_XEN_BALLOON=y
+CONFIG_ARM_PSCI_FW=y
+CONFIG_ACPI=y
+# CONFIG_DEBUG_INFO is not set
+"""
+# module name -> depends (file names use '-' where the kernel's do)
+GOOD_MODULES = {
+    "virtio_mmio": [], "virtio_blk": [], "failover": [], "net_failover": ["failover"],
+    "virtio_net": ["net_failover"], "virtio_balloon": [], "xen-blkfront": [],
+    "xen-netfront": [],
+}
+GOOD_LOAD = ["virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net",
+             "virtio_balloon", "xen_blkfront", "xen_netfront"]
+
+
+def run(*cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, **kw)
+
+
+# --- PE/COFF ---------------------------------------------------------------------------
+def make_pe(machine: int, magic: int, subsystem: int = 10, sections=(), *,
+            patch=None, text: bytes = b"\xc0\x03\x5f\xd6" * 64) -> bytes:
+    """A minimal but well-formed PE image; ``sections`` = [(name, data)] after .text."""
+    secs = [(".text", text)] + list(sections)
+    opt_size = 240 if magic == 0x20B else 224
+    lfanew = 0x40
+    hdr_end = lfanew + 24 + opt_size + 40 * len(secs)
+    falign, salign = 0x200, 0x1000
+    raw_ptr = -(-hdr_end // falign) * falign
+    table, body, rva = b"", b"", salign
+    for name, data in secs:
+        raw_size = -(-len(data) // falign) * falign
+        table += struct.pack("<8sIIIIIIHHI", name.encode(), len(data), rva, raw_size,
+                             raw_ptr + len(body), 0, 0, 0, 0, 0x40000040)
+        body += data + b"\0" * (raw_size - len(data))
+        rva += -(-max(len(data), 1) // salign) * salign
+    dos = bytearray(64)
+    dos[:2] = b"MZ"
+    struct.pack_into("<I", dos, 0x3C, lfanew)
+    coff = struct.pack("<4sHHIIIHH", b"PE\0\0", machine, len(secs), 0, 0, 0, opt_size,
+                       0x0206 if magic == 0x20B else 0x0102)
+    opt = bytearray(opt_size)
+    struct.pack_into("<HBB", opt, 0, magic, 2, 30)
+    struct.pack_into("<I", opt, 16, salign)             # AddressOfEntryPoint
+    if magic == 0x20B:
+        struct.pack_into("<Q", opt, 24, 0)              # ImageBase
+    else:
+        struct.pack_into("<II", opt, 24, 0, 0)          # BaseOfData, ImageBase
+    struct.pack_into("<II", opt, 32, salign, falign)
+    struct.pack_into("<I", opt, 56, rva)                # SizeOfImage
+    struct.pack_into("<I", opt, 60, raw_ptr)            # SizeOfHeaders
+    struct.pack_into("<H", opt, 68, subsystem)
+    struct.pack_into("<I", opt, 108 if magic == 0x20B else 92, 16)   # NumberOfRvaAndSizes
+    head = bytes(dos) + coff + bytes(opt) + table
+    img = bytearray(head + b"\0" * (raw_ptr - len(head)) + body)
+    if patch:
+        patch(img)
+    return bytes(img)
+
+
+def make_kernel(arch: str) -> bytes:
+    """A fake EFI-stub kernel: PE image with the Image / zImage magic in its DOS header."""
+    def put(img):
+        if arch == "aarch64":
+            img[0x38:0x3C] = b"ARM\x64"
+        else:
+            struct.pack_into("<I", img, 0x24, 0x016F2818)
+    filler = bytes(range(256)) * 256          # 64 KiB: a multi-cluster chain on the ESP
+    return make_pe(MACHINE[arch], MAGIC[arch], 10, [(".data", filler)], patch=put)
+
+
+def make_loader(arch: str, machine: Optional[int] = None, subsystem: int = 10,
+                sections=()) -> bytes:
+    return make_pe(MACHINE[arch] if machine is None else machine, MAGIC[arch], subsystem,
+                   sections, text=b"GRUB test loader\0" * 16)
+
+
+def make_uki(arch: str, initrd: bytes, *, drop=()) -> bytes:
+    secs = [(".osrel", b"ID=test\n"), (".cmdline", b"console=ttyAMA0 quiet\0"),
+            (".uname", KVER.encode()), (".initrd", initrd), (".linux", make_kernel(arch))]
+    return make_pe(MACHINE[arch], MAGIC[arch], 10, [s for s in secs if s[0] not in drop],
+                   text=b"systemd-stub test\0" * 16)
+
+
+# --- ELF modules and cpio ----------------------------------------------------------------
+def make_module(name: str, depends: list) -> bytes:
+    """A minimal ELF64 relocatable object with .modinfo (what the kernel's modpost emits)."""
+    modinfo = (f"license=GPL\0depends={','.join(d.replace('-', '_') for d in depends)}\0"
+               f"name={name.replace('-', '_')}\0vermagic={KVER} SMP mod_unload aarch64\0"
+               ).encode()
+    shstr = b"\0.modinfo\0.shstrtab\0"
+    data_off = 64
+    shstr_off = data_off + len(modinfo)
+    sh_off = -(-(shstr_off + len(shstr)) // 8) * 8
+    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, bytes(7),
+                       1, 0xB7, 1, 0, 0, sh_off, 0, 64, 0, 0, 64, 3, 2)
+    sh = bytes(64)
+    sh += struct.pack("<IIQQQQIIQQ", 1, 1, 2, 0, data_off, len(modinfo), 0, 0, 1, 0)
+    sh += struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, shstr_off, len(shstr), 0, 0, 1, 0)
+    body = ehdr + modinfo + shstr
+    return body + b"\0" * (sh_off - len(body)) + sh
+
+
+def newc(files) -> bytes:
+    """newc archive of [(path, mode, data)] ending with TRAILER!!!."""
+    out = bytearray()
+    for ino, (path, mode, data) in enumerate(list(files) + [("TRAILER!!!", 0, b"")], 1):
+        name = path.encode() + b"\0"
+        fields = [ino if path != "TRAILER!!!" else 0, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0,
+                  len(name), 0]
+        out += b"070701" + b"".join(b"%08X" % v for v in fields) + name
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def initramfs_files(config: Optional[str] = GOOD_CONFIG, modules: Optional[dict] = None,
+                    load: Optional[list] = None, builtin: Optional[str] = None,
+                    ver: str = KVER, prefix: str = "lib/modules") -> list:
+    modules = GOOD_MODULES if modules is None else modules
+    load = GOOD_LOAD if load is None else load
+    root = f"{prefix}/{ver}"
+    files = [(d, 0o40755, b"") for d in ("dev", "etc", "etc/armvm", "lib", "lib/modules", root,
+                                          f"{root}/kernel")]
+    files.append(("init", 0o100755, b"#!/bin/sh\necho ARMVM-BOOT-COMPLETE\n"))
+    if config is not None:
+        files.append((f"{root}/config", 0o100644, config.encode()))
+    files.append((f"{root}/modules.builtin", 0o100644, (builtin if builtin is not None else
+                  "kernel/drivers/tty/serial/amba-pl011.ko\nkernel/drivers/rtc/rtc-efi.ko\n"
+                  ).encode()))
+    for name, deps in modules.items():
+        files.append((f"{root}/kernel/drivers/{name}.ko", 0o100644, make_module(name, deps)))
+    files.append(("etc/armvm/modules.load", 0o100644, ("\n".join(load) + "\n").encode()))
+    return files
+
+
+def make_initramfs(files: Optional[list] = None, compress: str = "gzip") -> bytes:
+    data = newc(initramfs_files() if files is None else files)
+    if compress == "gzip":
+        return gzip.compress(data, 6, mtime=0)
+    return data
+
+
+# --- disk images -------------------------------------------------------------------------
+@dataclass
+class ImageSpec:
+    arch: str = "aarch64"
+    esp_files: dict = field(default_factory=dict)   # path -> bytes; None value removes
+    fat_bits: int = 32
+    esp_mib: int = 36
+    disk_mib: int = 48
+    esp_type: str = ESP_GUID
+    second_partition: bool = True
+    sector_size: int = 512          # 4096: GPT written by the test-side writer below
+    mkfs_args: tuple = ()           # replaces the -F/-s choice (e.g. a FAT32 BPB, few clusters)
+    populate: bool = True           # False: an empty file system (mtools cannot write it)
+
+
+def default_esp(arch: str) -> dict:
+    return {
+        f"EFI/BOOT/{REMOVABLE[arch]}": make_loader(arch),
+        "EFI/BOOT/grub.cfg": b"set timeout=0\nmenuentry 'test' {\n  linux /vmlinuz "
+                             b"console=ttyAMA0\n  initrd /initrd.img\n}\n",
+        "vmlinuz": make_kernel(arch),
+        "initrd.img": make_initramfs(),
+    }
+
+
+def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
+    dirpath = Path(dirpath)
+    disk, part = dirpath / name, dirpath / (name + ".esp")
+    for p in (disk, part):
+        p.unlink(missing_ok=True)
+    run("truncate", "-s", f"{s.disk_mib}M", disk)
+    if s.sector_size == 512:
+        script = (f"label: gpt\nstart=2048, size={s.esp_mib * 2048}, type={s.esp_type}, "
+                  "name=ESP\n")
+        if s.second_partition:
+            script += f"size=8MiB, type={ROOT_ARM64_GUID}, name=root\n"
+        run("sfdisk", "--no-reread", "--no-tell-kernel", "-q", disk, input=script.encode())
+    else:
+        parts = [(1, s.esp_mib, s.esp_type)]
+        if s.second_partition:
+            parts.append((1 + s.esp_mib, 8, ROOT_ARM64_GUID))
+        write_gpt(disk, parts, s.sector_size)
+    run("truncate", "-s", f"{s.esp_mib}M", part)
+    fat = ["-F", "32", "-s", "1"] if s.fat_bits == 32 else ["-F", "16"]
+    fat = list(s.mkfs_args) or fat
+    fat += ["-S", str(s.sector_size)]
+    run("mkfs.fat", *fat, "-n", "ESP", "-i", "1234ABCD", "--invariant", part)
+    files = default_esp(s.arch) if s.populate else {}
+    files.update(s.esp_files)
+    dirs = sorted({"/".join(p.split("/")[:i]) for p in files if files[p] is not None
+                   for i in range(1, p.count("/") + 1)})
+    for d in dirs:
+        run("mmd", "-i", part, f"::/{d}")
+    src = dirpath / (name + ".payload")
+    for path, data in files.items():
+        if data is None:
+            continue
+        src.write_bytes(data)
+        run("mcopy", "-i", part, src, f"::/{path}")
+    src.unlink(missing_ok=True)
+    run("dd", f"if={part}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse",
+        "status=none")
+    part.unlink()
+    return disk
+
+
+def write_gpt(disk: Path, parts: list, bs: int) -> None:
+    """Test-side GPT writer for sector sizes sfdisk cannot do on a file (4096 bytes).
+    ``parts`` = [(start MiB, size MiB, type GUID)]; GUIDs are fixed test values."""
+    import uuid
+    size = disk.stat().st_size
+    last = size // bs - 1
+    array = bytearray(128 * 128)
+    for i, (start, mib, tguid) in enumerate(parts):
+        first = start * MIB // bs
+        struct.pack_into("<16s16sQQQ72s", array, 128 * i, uuid.UUID(tguid).bytes_le,
+                         uuid.UUID(int=0x1000 + i).bytes_le, first, first + mib * MIB // bs - 1,
+                         0, f"part{i + 1}".encode("utf-16-le"))
+    blocks = len(array) // bs
+    pmbr = bytearray(bs)
+    struct.pack_into("<B3sB3sII", pmbr, 446, 0, b"\0\2\0", 0xEE, b"\xff\xff\xff", 1,
+                     min(last, 0xFFFFFFFF))
+    pmbr[510:512] = b"\x55\xaa"
+    write_at(disk, 0, bytes(pmbr))
+    for my, alt, entries in ((1, last, 2), (last, 1, last - blocks)):
+        hdr = bytearray(struct.pack("<8sIIIIQQQQ16sQIII", b"EFI PART", 0x10000, 92, 0, 0, my,
+                                    alt, 2 + blocks, last - blocks - 1,
+                                    uuid.UUID(int=0xD15C).bytes_le, entries, 128, 128,
+                                    zlib.crc32(bytes(array)) & 0xFFFFFFFF))
+        struct.pack_into("<I", hdr, 16, zlib.crc32(bytes(hdr)) & 0xFFFFFFFF)
+        write_at(disk, my * bs, bytes(hdr))
+        write_at(disk, entries * bs, bytes(array))
+
+
+# --- byte-level patches (test-side GPT rewriting; CRCs recomputed here) ------------------
+def read_at(path: Path, off: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
+def write_at(path: Path, off: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def gpt_rewrite(path: Path, edit_entries=None, edit_header=None, copies=("primary", "backup"),
+                bs: int = 512) -> None:
+    """Change GPT entries/header fields and recompute the CRCs of the chosen copies."""
+    size = Path(path).stat().st_size
+    for copy in copies:
+        lba = 1 if copy == "primary" else size // bs - 1
+        hdr = bytearray(read_at(path, lba * bs, 92))
+        entry_lba, count, esize = struct.unpack_from("<QII", hdr, 72)
+        array = bytearray(read_at(path, entry_lba * bs, count * esize))
+        if edit_entries:
+            edit_entries(array, esize)
+            write_at(path, entry_lba * bs, bytes(array))
+        struct.pack_into("<I", hdr, 88, zlib.crc32(bytes(array)) & 0xFFFFFFFF)
+        if edit_header:
+            edit_header(hdr, copy)
+        struct.pack_into("<I", hdr, 16, 0)
+        struct.pack_into("<I", hdr, 16, zlib.crc32(bytes(hdr)) & 0xFFFFFFFF)
+        write_at(path, lba * bs, bytes(hdr))
+
+
+def copy_image(src: Path, dst: Path) -> Path:
+    run("cp", "--sparse=always", src, dst)
+    return dst
+
+
+def have_tools(*names) -> bool:
+    return all(shutil.which(n) for n in names)
