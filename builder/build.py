@@ -95,7 +95,7 @@ def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
 def gather(ctx) -> List[PlannedFile]:
     """Fetch and build every ESP file; returns them with their roles."""
     from builder import components as c
-    from builder.output import sha256_file
+    from builder.cache import sha256_file
     recipe = ctx.recipe
     arch = spec.ARCHES[recipe.arch]
     c.check_supported(recipe)
@@ -121,7 +121,8 @@ def gather(ctx) -> List[PlannedFile]:
         files.append((entry.dest, c.fetch_source(ctx, entry.source, f"esp.files[{n}]"), "file"))
     out = []
     for dest, path, role in files:
-        out.append(PlannedFile(dest, path, path.stat().st_size, sha256_file(path), role))
+        digest = ctx.hashes.get(path) or sha256_file(path)[0]
+        out.append(PlannedFile(dest, path, path.stat().st_size, digest, role))
     ctx.direct = (kernel, initrd, recipe.kernel.cmdline if recipe.kernel else "")
     return out
 

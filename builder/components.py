@@ -26,6 +26,7 @@ class Context:
     inputs: List[dict] = field(default_factory=list)   # manifest "inputs"
     stages: Dict[str, float] = field(default_factory=dict)
     index_dir: Optional[Path] = None   # where kernel module indexes are cached
+    hashes: Dict[Path, str] = field(default_factory=dict)   # sha256 of files already hashed
 
     @contextmanager
     def stage(self, name: str):
@@ -69,9 +70,12 @@ def fetch_source(ctx: Context, src: Source, role: str) -> Path:
         if tree.resolve() not in inner.parents or not inner.is_file():
             raise RecipeError(ctx.recipe.path, f"package {pkg.name} {pkg.version} has no file {src.path!r}",
                               field=f"{role}.path", allowed="a regular file inside the package")
-        from builder.output import sha256_file
-        ctx.record(role, f"debian:{pkg.name}={pkg.version}:{src.path}", sha256_file(inner), inner.stat().st_size)
+        from builder.cache import sha256_file
+        digest, size = sha256_file(inner)
+        ctx.hashes[inner] = digest
+        ctx.record(role, f"debian:{pkg.name}={pkg.version}:{src.path}", digest, size)
         return inner
+    ctx.hashes[art.path] = art.sha256
     ctx.record(role, origin_of(ctx, src), art.sha256, art.size)
     return art.path
 

@@ -44,6 +44,18 @@ def _block_ranges(path: Path, block: int) -> List[Tuple[int, int]]:
     return out
 
 
+def _hash_range(f, h, start: int, end: int) -> None:
+    """Feed bytes [start, end) of the open file `f` into the hash `h`, 1 MiB at a time."""
+    f.seek(start)
+    left = end - start
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+
+
 def bmap_xml(path: Path) -> str:
     """A bmap file (version 2.0, sha256) for the sparse image at `path`."""
     size = path.stat().st_size
@@ -53,14 +65,7 @@ def bmap_xml(path: Path) -> str:
     with open(path, "rb") as f:
         for first, last in ranges:
             h = hashlib.sha256()
-            f.seek(first * BMAP_BLOCK)
-            left = min((last + 1) * BMAP_BLOCK, size) - first * BMAP_BLOCK
-            while left > 0:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
+            _hash_range(f, h, first * BMAP_BLOCK, min((last + 1) * BMAP_BLOCK, size))
             mapped += last - first + 1
             span = f"{first}" if first == last else f"{first}-{last}"
             lines.append(f'        <Range chksum="{h.hexdigest()}"> {span} </Range>\n')
@@ -79,14 +84,6 @@ def bmap_xml(path: Path) -> str:
     return text.replace("0" * 64, digest, 1)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sha256_sparse(path: Path) -> str:
     """Whole-image sha256 that feeds holes from a zero buffer instead of reading them."""
     h, pos, zeros = hashlib.sha256(), 0, bytes(1 << 20)
@@ -98,14 +95,7 @@ def sha256_sparse(path: Path) -> str:
                 n = min(gap, len(zeros))
                 h.update(zeros[:n] if n < len(zeros) else zeros)
                 gap -= n
-            f.seek(start)
-            left = end - start
-            while left > 0:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
+            _hash_range(f, h, start, end)
             pos = end
     return h.hexdigest()
 
