@@ -140,8 +140,11 @@ class ConsoleWatcher:
             self.truncated = True
         if self.on_line is not None:
             self.on_line(line)
-        for name, rx in MILESTONES:
-            if name not in self.events and rx.search(line):
+        for i, (name, rx) in enumerate(MILESTONES):
+            # a milestone seen only after a later one (a quiet kernel's first line is its
+            # power-off) says nothing about when it happened: leave it out
+            later = any(n in self.events for n, _ in MILESTONES[i + 1:])
+            if name not in self.events and not later and rx.search(line):
                 self.events[name] = t
         if "marker" not in self.events and self.expect.search(line):
             self.events["marker"] = t

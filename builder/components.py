@@ -153,7 +153,7 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
     with ctx.stage("initramfs"):
         build_initramfs(out=out, kernel=kinfo, modules=modules, busybox=busybox, init_template=template,
                         payload=spec_i.payload, extra_files=extra, compression=spec_i.compression,
-                        mtime=ctx.timestamp)
+                        mtime=ctx.timestamp, decompress_modules=spec_i.decompress_modules)
     return out
 
 

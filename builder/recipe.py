@@ -83,6 +83,7 @@ class InitramfsSpec:
     init: Optional[Path]
     payload: Optional[str]
     files: Tuple[FileEntry, ...]
+    decompress_modules: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,8 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
             i.get("compression", "gzip"), tuple(m.replace("-", "_") for m in i.get("drivers", [])),
             i.get("busybox", "busybox-static"),
             host_path(i["init"], ("initramfs", "init")) if "init" in i else None,
-            i.get("payload"), files(i.get("files", []), ("initramfs", "files")))
+            i.get("payload"), files(i.get("files", []), ("initramfs", "files")),
+            i.get("decompress_modules", False))
     b = data.get("bootloader")
     bootloader = None
     if b is not None:

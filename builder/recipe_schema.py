@@ -85,6 +85,8 @@ SCHEMA = {
                 "drivers": {"type": "array", "items": {"type": "string", "pattern": r"^[A-Za-z0-9_-]+$"},
                             "maxItems": MAX_DRIVERS, "default": [],
                             "description": "Kernel modules to load at boot; dependencies are added, built-ins skipped."},
+                "decompress_modules": {"type": "boolean", "default": False,
+                                       "description": "Store modules uncompressed (.ko) so the guest need not unpack .ko.xz at boot."},
                 "busybox": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.+-]+$", "default": "busybox-static",
                             "description": "Debian package providing a static busybox."},
                 "init": {"type": "string", "x-kind": "path",
