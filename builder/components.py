@@ -27,6 +27,7 @@ class Context:
     stages: Dict[str, float] = field(default_factory=dict)
     index_dir: Optional[Path] = None   # where kernel module indexes are cached
     hashes: Dict[Path, str] = field(default_factory=dict)   # sha256 of files already hashed
+    direct: tuple = (None, None, "")   # (kernel, initrd, cmdline) for output.direct
 
     @contextmanager
     def stage(self, name: str):

@@ -138,3 +138,28 @@ def test_lock_reproduces_bytes_across_dirs_env_and_vendor(tmp_path, cache_dir):
                            ["layout"]["partitions"] if p["kind"] == "esp" for f in p["files"]
                            if f["dest"] == "initrd.img"]) for d in (a, b, c)}
     assert len(initrds) == 1
+
+
+@pytest.mark.boot
+def test_fast_profile_uki_boots_and_direct_boot_works(tmp_path, cache_dir):
+    """The fast profile: a UKI at the removable path (no GRUB on the ESP), booted by AAVMF,
+    and the same kernel/initramfs started directly with -kernel/-initrd/-append."""
+    name = "debian-arm64-fast"
+    shutil.copy(ROOT / "recipes" / f"{name}.yaml", tmp_path / f"{name}.yaml")
+    res = cli("build", "-q", tmp_path / f"{name}.yaml", "-o", tmp_path / "out",
+              env={"ARMVM_CACHE_DIR": str(cache_dir)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    manifest = json.loads((out / f"{name}.manifest.json").read_text())
+    dests = {f["dest"] for p in manifest["layout"]["partitions"] if p["kind"] == "esp" for f in p["files"]}
+    assert dests == {"EFI/BOOT/BOOTAA64.EFI"}, dests          # kernel and initramfs live inside the UKI
+    report = {c["id"]: c for c in json.loads((out / f"{name}.verify.json").read_text())["checks"]}
+    assert report["boot.chain"]["result"] == "pass" and "UKI" in report["boot.chain"]["detail"]
+    assert (out / f"{name}.vmlinuz").exists() and (out / f"{name}.cmdline").read_text().strip()
+    res = cli("boot", out / f"{name}.raw", "--json", "--timeout", "240", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert json.loads(res.stdout)["ok"]
+    res = cli("boot", "--direct", out / f"{name}.raw", "--json", "--timeout", "240", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    direct = json.loads(res.stdout)
+    assert direct["ok"] and "pflash" not in " ".join(direct["command"])
