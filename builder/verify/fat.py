@@ -180,7 +180,12 @@ class FatVolume:
         width = 4 if self.fat_type == 32 else 2
         if off + width > self.fat_bytes:
             raise FatError(f"cluster {n} has no entry in a FAT of {self.fat_bytes} bytes")
-        v = int.from_bytes(self._fat_bytes_at(off, width), "little")
+        blk, inner = divmod(off, BLOCK)
+        data = self._blocks.get(blk)
+        if data is not None and inner + width <= len(data):     # fast path: cached block
+            v = int.from_bytes(data[inner:inner + width], "little")
+        else:
+            v = int.from_bytes(self._fat_bytes_at(off, width), "little")
         if self.fat_type == 12:
             return v >> 4 if n & 1 else v & 0xFFF
         return v & 0x0FFFFFFF if self.fat_type == 32 else v
