@@ -32,20 +32,14 @@ def scenarios(arch: str) -> List[Scenario]:
 
 
 def detect_arch(image: Path) -> str:
-    """The target architecture from the removable-path loader on the ESP (independent reader)."""
+    """The target architecture from the removable-path loader on the ESP."""
     from builder.errors import NotAnImageError
-    from builder.verify import verify_image
-    report = verify_image(image, arch="auto")
-    if report.arch not in ("aarch64", "armv7"):
+    from builder.qemu import probe_image
+    arch = probe_image(image).arch
+    if arch is None:
         raise NotAnImageError(f"{image}: cannot tell the architecture (no BOOTAA64.EFI or BOOTARM.EFI on "
                               "an ESP); pass --arch aarch64 or --arch armv7")
-    return report.arch
-
-
-def sector_size_of(image: Path) -> int:
-    with open(image, "rb") as f:
-        head = f.read(4096 + 8)
-    return 4096 if head[512:520] != b"EFI PART" and head[4096:4104] == b"EFI PART" else 512
+    return arch
 
 
 def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[str] = (),
@@ -56,7 +50,7 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
     results, checks = [], []
     for sc in scenarios(arch):
         res = boot_image(image, arch=arch, timeout=timeout, gic=sc.gic, acpi=sc.acpi if arch == "aarch64" else None,
-                         extra_virtio=sc.balloon, qemu_args=qemu_args, sector_size=sector_size_of(image),
+                         extra_virtio=sc.balloon, qemu_args=qemu_args,
                          on_line=on_line)
         facts = parse_runtime_report(res.console)
         scenario = {"gic": sc.gic, "acpi": sc.acpi, "virtio_transports": ["pci", "mmio"],

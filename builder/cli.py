@@ -164,7 +164,7 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         direct_args = _direct_files(image) if direct else None
         res = boot_image(image, arch=arch, timeout=timeout, gic=gic, acpi=None if acpi is None else acpi == "on",
                          expect=expect, interactive=interactive, qemu_args=qemu_arg, direct=direct_args,
-                         sector_size=bootcheck.sector_size_of(image), on_line=on_line)
+                         on_line=on_line)
     except ArmvmError as err:
         _fail(err, as_json)
     if as_json:

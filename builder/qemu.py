@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -144,97 +143,20 @@ class ImageInfo:
     sector_size: int
 
 
-ESP_GUID_BYTES = spec.ESP_TYPE_GUID.bytes_le
-MAX_DIR_CLUSTERS = 4096        # bound on a directory's cluster chain
-
-
 def probe_image(path: Path) -> ImageInfo:
-    """Find the GPT's sector size and which removable-path loader the ESP holds."""
+    """The GPT's sector size and the removable-path loader's architecture, read with
+    verify's independent readers (the runner keeps no GPT/FAT parser of its own)."""
+    from builder.verify import verify_image
+    from builder.verify.blob import FileBlob
+    from builder.verify.gpt import detect_sector_size
     path = Path(path)
     try:
         f = open(path, "rb")
     except OSError as e:
         raise NotAnImageError(f"{path}: cannot open: {e.strerror}") from None
     with f:
-        size = os.fstat(f.fileno()).st_size
-
-        def read(off: int, n: int) -> bytes:
-            if off < 0 or n < 0 or off + n > size:
-                raise NotAnImageError(f"{path}: truncated (read at {off} past the end)")
-            f.seek(off)
-            return f.read(n)
-
-        for ss in spec.SECTOR_SIZES:
-            if size >= 2 * ss and read(ss, 8) == spec.GPT_SIGNATURE:
-                break
-        else:
-            raise NotAnImageError(f"{path}: no GPT header at LBA 1 (512 or 4096-byte "
-                                  f"sectors): not a disk image")
-        hdr = read(ss, 92)
-        entry_lba, count, esize = struct.unpack_from("<QII", hdr, 72)
-        if not (1 <= count <= 4096 and 128 <= esize <= 4096):
-            raise NotAnImageError(f"{path}: GPT entry array {count} x {esize} is not sane")
-        entries = read(entry_lba * ss, count * esize)
-        for i in range(count):
-            e = entries[i * esize:(i + 1) * esize]
-            if e[:16] == ESP_GUID_BYTES:
-                first = struct.unpack_from("<Q", e, 32)[0]
-                return ImageInfo(_fat_loader_arch(read, first * ss), ss)
-        return ImageInfo(None, ss)
-
-
-def _fat_loader_arch(read, base: int) -> str | None:
-    bpb = read(base, 512)
-    bps, spc, rsvd, nfats, root_cnt, tot16, _media, fatsz16 = struct.unpack_from(
-        "<HBHBHHBH", bpb, 11)
-    tot32, fatsz32, _flags, _ver, root_clus = struct.unpack_from("<IIHHI", bpb, 32)
-    if bps not in spec.FAT_BYTES_PER_SECTOR or spc == 0 or nfats == 0 or bpb[510:] != b"\x55\xaa":
-        return None
-    fatsz = fatsz16 or fatsz32
-    fat_off = base + rsvd * bps
-    root_off = fat_off + nfats * fatsz * bps
-    data_off = root_off + ((root_cnt * 32 + bps - 1) // bps) * bps
-    csize = spc * bps
-    total = (tot16 or tot32) - (data_off - base) // bps
-    nclusters = max(total // spc, 0)
-    fat32 = nclusters >= spec.FAT16_MAX_CLUSTERS
-
-    def chain(first: int) -> bytes:
-        out, c = [], first
-        for _ in range(MAX_DIR_CLUSTERS):
-            if not 2 <= c < nclusters + 2:
-                break
-            out.append(read(data_off + (c - 2) * csize, csize))
-            if fat32:
-                c = struct.unpack("<I", read(fat_off + 4 * c, 4))[0] & 0x0FFFFFFF
-            elif nclusters >= spec.FAT12_MAX_CLUSTERS:
-                c = struct.unpack("<H", read(fat_off + 2 * c, 2))[0]
-                c = c if c < 0xFFF8 else 0
-            else:
-                return b"".join(out)      # FAT12 ESPs: first cluster only
-        return b"".join(out)
-
-    def lookup(dirdata: bytes, name83: bytes):
-        for off in range(0, len(dirdata) - 31, 32):
-            ent = dirdata[off:off + 32]
-            if ent[0] == 0:
-                return None
-            if ent[0] == 0xE5 or ent[11] == spec.FAT_ATTR_LONG_NAME:
-                continue
-            if ent[:11].upper() == name83:
-                hi, lo = struct.unpack_from("<H", ent, 20)[0], struct.unpack_from("<H", ent, 26)[0]
-                return ent[11], (hi << 16 | lo) if fat32 else lo
-        return None
-
-    root = chain(root_clus) if fat32 else read(root_off, root_cnt * 32)
-    d = root
-    for name in (b"EFI        ", b"BOOT       "):
-        hit = lookup(d, name)
-        if hit is None or not hit[0] & spec.FAT_ATTR_DIRECTORY:
-            return None
-        d = chain(hit[1])
-    for a in spec.ARCHES.values():
-        stem, ext = a.removable_name.split(".")
-        if lookup(d, (stem.ljust(8) + ext.ljust(3)).encode()) is not None:
-            return a.name
-    return None
+        ss = detect_sector_size(FileBlob(f))
+    if ss is None:
+        raise NotAnImageError(f"{path}: no GPT header at LBA 1 (512 or 4096-byte sectors): "
+                              "not a disk image")
+    return ImageInfo(verify_image(path, arch="auto").arch, ss)

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
-from builder.errors import RecipeError
+from builder.errors import ArmvmError, RecipeError
 from builder import recipe_validate as rv
 
 ENV_VAR_PREFIX = "ARMVM_VAR_"
-FAT_FORBIDDEN = set('"*/:<>?\\|')
 
 
 # --- data ---------------------------------------------------------------------------
@@ -196,7 +195,7 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
             return Source("package", package=d["package"], path=d.get("path"))
         return None
 
-    def files(items, p) -> Tuple[FileEntry, ...]:
+    def files(items, p, fat=True) -> Tuple[FileEntry, ...]:
         out = []
         for i, item in enumerate(items):
             src = source(item, p + (i,))
@@ -207,7 +206,7 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
                 raise RecipeError(path, "a package file needs `path` (the file inside the package)",
                                   line=line(*p, i), field=rv._dotted(p + (i, "path")))
             out.append(FileEntry(src, check_dest(item["dest"], path, line(*p, i, "dest"),
-                                                 rv._dotted(p + (i, "dest")))))
+                                                 rv._dotted(p + (i, "dest")), fat=fat)))
         return tuple(out)
 
     d = data.get("debian")
@@ -227,7 +226,7 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
             i.get("compression", "gzip"), tuple(m.replace("-", "_") for m in i.get("drivers", [])),
             i.get("busybox", "busybox-static"),
             host_path(i["init"], ("initramfs", "init")) if "init" in i else None,
-            i.get("payload"), files(i.get("files", []), ("initramfs", "files")),
+            i.get("payload"), files(i.get("files", []), ("initramfs", "files"), fat=False),
             i.get("decompress_modules", False))
     b = data.get("bootloader")
     bootloader = None
@@ -254,9 +253,10 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
                   disk=disk, output=output, digest=digest, data=data)
 
 
-def check_dest(dest: str, file, line, fname) -> str:
-    """A destination on the FAT volume: relative, no '..', every component storable on FAT."""
-    allowed = "a relative path like EFI/BOOT/grub.cfg; no '..', no characters \" * / : < > ? \\ |"
+def check_dest(dest: str, file, line, fname, *, fat: bool = True) -> str:
+    """A destination path: relative, no '..'; on the ESP (fat=True) every component must be
+    storable on FAT, by the FAT writer's own rule (builder.disk.fatnames.check_name)."""
+    allowed = "a relative path like EFI/BOOT/grub.cfg, without '..'"
     if dest.startswith("/") or dest.startswith("\\") or re.match(r"^[A-Za-z]:", dest):
         raise RecipeError(file, f"{dest!r} is an absolute path", line=line, field=fname, allowed=allowed)
     parts = PurePosixPath(dest).parts
@@ -265,10 +265,13 @@ def check_dest(dest: str, file, line, fname) -> str:
     for part in parts:
         if part in (".", ".."):
             raise RecipeError(file, f"{dest!r} contains '{part}'", line=line, field=fname, allowed=allowed)
-        bad = sorted({c for c in part if c in FAT_FORBIDDEN or ord(c) < 0x20})
-        if bad or part.endswith((".", " ")) or len(part) > 255:
-            why = f"characters {''.join(bad)!r}" if bad else ("more than 255 characters" if len(part) > 255
-                                                              else "a trailing dot or space")
-            raise RecipeError(file, f"FAT cannot store the name {part!r} ({why})", line=line, field=fname,
-                              allowed=allowed)
+        if fat:
+            from builder.disk.fatnames import check_name
+            try:
+                check_name(part)
+            except ArmvmError as exc:
+                raise RecipeError(file, str(exc), line=line, field=fname) from None
+        elif "\0" in part or len(part) > 255:
+            raise RecipeError(file, f"{part!r} is not a valid file name", line=line, field=fname,
+                              allowed="names up to 255 bytes without NUL")
     return "/".join(parts)
