@@ -15,22 +15,18 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
-from urllib.parse import quote
+from typing import Sequence, Union
 
 from builder.cache import check_sha256
 from builder.debian.deb import extract_deb
+from builder.debian.index import INDEX_FORMAT, Index, build_index
 from builder.debian.mirror import find_mirror
 from builder.errors import ArmvmError, MissingToolError, SourceError
 from builder.lock import Lock, LockedPackage, check_archive_filename
 from builder.sources import Artifact, Fetcher
 
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-INDEX_FORMAT = "debidx1"
-INDEX_FIELDS = ("Package", "Version", "Architecture", "Filename", "SHA256", "Size", "Depends",
-                "Provides")
 MAX_INRELEASE = 32 * 1024 * 1024
-MAX_LINE = 1024 * 1024
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 _WORD_RE = re.compile(r"^[a-z0-9][a-z0-9+._/-]*$")
 _VERSIONED_KERNEL_RE = re.compile(r"^linux-image-[0-9]")
@@ -86,116 +82,6 @@ def verify_inrelease(data: bytes, keyring: Path) -> bytes:
             return f.read()
 
 
-class _Index:
-    """A parsed Packages file: name -> the newest entry, and virtual name -> providers."""
-
-    def __init__(self, path: Path):
-        import sqlite3
-        self.db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True)
-
-    def get(self, name: str) -> tuple | None:
-        return self.db.execute("SELECT name, version, architecture, filename, sha256, size, "
-                               "depends FROM packages WHERE name = ?", (name,)).fetchone()
-
-    def names(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT name FROM packages")]
-
-    def providers(self, name: str) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            "SELECT DISTINCT provider FROM provides WHERE virtual = ? ORDER BY provider",
-            (name,))]
-
-
-_WANTED_RE = re.compile(rb"(?i)(" + b"|".join(f.encode() for f in INDEX_FIELDS) + rb")[ \t]*:")
-
-
-def _wanted_lines(f, budget: int, what: str) -> Iterator[bytes]:
-    """The lines of the fields the index keeps, read in 1 MiB chunks; at most ``budget``
-    bytes in all and no line longer than MAX_LINE (parsing every field with python-debian
-    would take most of the time)."""
-    wanted, keep, rest = _WANTED_RE.match, False, b""
-    while True:
-        chunk = f.read(1024 * 1024)
-        budget -= len(chunk)
-        if budget < 0:
-            raise ArmvmError(f"{what}: larger than its Release entry allows")
-        if not chunk:
-            lines = [rest] if rest else []
-        else:
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            if len(rest) > MAX_LINE:
-                raise ArmvmError(f"{what}: a line is longer than {MAX_LINE} bytes")
-        for line in lines:
-            first = line[:1]
-            if first == b" " or first == b"\t":
-                if keep:
-                    yield line + b"\n"
-            elif not line.strip():
-                keep = False
-                yield b"\n"
-            else:
-                keep = wanted(line) is not None
-                if keep:
-                    yield line + b"\n"
-        if not chunk:
-            return
-
-
-def build_index(packages_file: Path, compression: str, dest: Path, max_bytes: int,
-                what: str) -> None:
-    """Parse a Packages file with python-debian into ``dest/packages.sqlite``."""
-    from debian.deb822 import Packages
-    from debian.debian_support import Version
-    opener = {".xz": "lzma", ".gz": "gzip", "": None}[compression]
-    if opener == "lzma":
-        import lzma
-        f = lzma.open(packages_file, "rb")
-    elif opener == "gzip":
-        import gzip
-        f = gzip.open(packages_file, "rb")
-    else:
-        f = open(packages_file, "rb")
-    best: dict[str, tuple] = {}
-    provides: set[tuple[str, str]] = set()
-    with f:
-        lines = _wanted_lines(f, max_bytes, what)
-        # the lines are already cut down to INDEX_FIELDS, so no ``fields=`` filter here
-        for para in Packages.iter_paragraphs(lines, use_apt_pkg=False):
-            fields = {k.lower(): v for k, v in para.items()}
-            name = fields.get("package", "")
-            if not name:
-                continue
-            try:
-                size = int(fields.get("size", "-1"))
-            except ValueError:
-                size = -1
-            row = (name, fields.get("version", ""), fields.get("architecture", ""),
-                   fields.get("filename", ""), fields.get("sha256", ""), size,
-                   " ".join(fields.get("depends", "").split()))
-            old = best.get(name)
-            if old is None or Version(row[1]) > Version(old[1]):
-                best[name] = row
-            for alt in fields.get("provides", "").split(","):
-                virtual = alt.strip().split(" ", 1)[0].split("(", 1)[0].strip()
-                if virtual:
-                    provides.add((virtual, name))
-    import sqlite3
-    db = sqlite3.connect(str(dest / "packages.sqlite"))
-    try:
-        db.execute("PRAGMA journal_mode = OFF")
-        db.execute("CREATE TABLE packages (name TEXT PRIMARY KEY, version TEXT, architecture "
-                   "TEXT, filename TEXT, sha256 TEXT, size INTEGER, depends TEXT)")
-        db.execute("CREATE TABLE provides (virtual TEXT, provider TEXT)")
-        db.executemany("INSERT INTO packages VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (best[n] for n in sorted(best)))
-        db.executemany("INSERT INTO provides VALUES (?, ?)", sorted(provides))
-        db.execute("CREATE INDEX provides_virtual ON provides (virtual)")
-        db.commit()
-    finally:
-        db.close()
-
-
 def kernel_dependency(depends: str) -> str | None:
     """The linux-image-* a meta-package depends on (a versioned one preferred)."""
     names = [alt.strip().split(" ", 1)[0].split("(", 1)[0].split(":", 1)[0]
@@ -225,7 +111,7 @@ class DebianArchive:
         self.offline = offline or fetcher.offline
         self._mirror_arg, self._mirror = mirror, None
         self._release: dict | None = None
-        self._indexes: dict[tuple[str, str], _Index | None] = {}
+        self._indexes: dict[tuple[str, str], Index | None] = {}
         self._pinned: dict[str, DebPackage] = {}
 
     # --- mirror and release ----------------------------------------------------------
@@ -300,7 +186,7 @@ class DebianArchive:
                 return (suffix,) + files[base + suffix]  # type: ignore[return-value]
         return None
 
-    def _index(self, component: str, arch: str, *, fetch: bool = True) -> _Index | None:
+    def _index(self, component: str, arch: str, *, fetch: bool = True) -> Index | None:
         if (component, arch) in self._indexes:
             return self._indexes[(component, arch)]
         entry = self._index_entry(component, arch)
@@ -314,7 +200,7 @@ class DebianArchive:
             if not fetch:
                 return None
             tree = self.cache.put_tree(key, lambda d: self._build(d, component, arch, entry))
-        index = self._indexes[(component, arch)] = _Index(tree / "packages.sqlite")
+        index = self._indexes[(component, arch)] = Index(tree / "packages.sqlite")
         return index
 
     def _build(self, dest: Path, component: str, arch: str, entry: tuple) -> None:
