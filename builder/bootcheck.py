@@ -7,7 +7,7 @@ AArch32: GICv2 and GICv3, device tree (AAVMF32 has no ACPI).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -58,7 +58,6 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
                     "reached_marker": res.ok or "marker" in res.events,
                     "powered_off": res.exit_status is not None and not res.timed_out,
                     "loader_seen": "loader" in res.events}
-        from dataclasses import replace
         sc_checks = [replace(c, detail=f"[{sc.name}] {c.detail}")
                      for c in runtime_checks(facts, arch=arch, scenario=scenario)]
         results.append({"scenario": sc.name, "ok": res.ok, "reason": res.reason,
@@ -73,7 +72,6 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
 def _merge(checks) -> list:
     """One result per check id over all scenarios: fail wins over warn, warn over pass,
     pass over skip; details of the winning result are joined."""
-    from dataclasses import replace
     rank = {"fail": 3, "warn": 2, "pass": 1, "skip": 0}
     best = {}
     for c in checks:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from builder import spec
-from builder.errors import ArmvmError, RecipeError
+from builder.errors import RecipeError
 from builder.recipe import Recipe, Source
 
 
@@ -217,8 +217,3 @@ def check_supported(recipe: Recipe) -> None:
     if recipe.output.direct and recipe.kernel is None:
         raise RecipeError(recipe.path, "direct boot output needs a kernel", field="output.direct")
 
-
-def ensure_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise ArmvmError(f"{what} was not produced at {path}")
-    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from builder import spec
-from builder.errors import RecipeError
+from builder.errors import ArmvmError, RecipeError
 
 # The namespace of every UUIDv5 we derive (itself a UUIDv5 of the project's name).
 SEED_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "armvm-build")
@@ -119,7 +119,6 @@ def plan_layout(recipe, esp_files: Sequence[PlannedFile], *, timestamp: int, see
     if len(esps) != 1:
         raise RecipeError(file, f"the disk has {len(esps)} ESP partitions", field="disk.partitions",
                           allowed="exactly one partition with type: esp")
-    _check_unique_dests(esp_files, file)
 
     parts, lba = [], max(align, first_usable)
     for i, p in enumerate(recipe.disk.partitions):
@@ -148,27 +147,11 @@ def plan_layout(recipe, esp_files: Sequence[PlannedFile], *, timestamp: int, see
             size = (last - lba + 1) * ss
             try:
                 plan_fat32(size, ss, [FatFile(f.dest, f.source, f.size) for f in esp_files])
-            except Exception as exc:  # ArmvmError from the FAT planner: add where it came from
-                raise RecipeError(file, str(exc), field=fname + ".size") from None
+            except ArmvmError as exc:  # the FAT planner's verdict (size, names, duplicates)
+                raise RecipeError(file, str(exc), field=fname) from None
         parts.append(PlannedPartition(i + 1, kind, p.name, type_guid_for(p.type, recipe.arch),
                                       derive_guid(seed, f"partition:{i + 1}"), lba, last, **extra))
         lba = last + 1
     return Layout(recipe.name, recipe.arch, ss, disk_bytes, derive_guid(seed, "disk"), tuple(parts),
                   timestamp, seed)
 
-
-def _check_unique_dests(files: Sequence[PlannedFile], file) -> None:
-    seen = {}
-    for f in files:
-        key = f.dest.upper()
-        if key in seen:
-            raise RecipeError(file, f"two files go to the same place on the ESP: {seen[key]} and {f.dest}"
-                              " (FAT names are case-insensitive)", field="disk.partitions.files",
-                              allowed="unique destinations")
-        seen[key] = f.dest
-        # a file may not also be a directory of another file
-    dirs = {"/".join(f.dest.upper().split("/")[:n]) for f in files for n in range(1, f.dest.count("/") + 1)}
-    clash = sorted(seen[k] for k in seen if k in dirs)
-    if clash:
-        raise RecipeError(file, f"{clash[0]} is both a file and a directory on the ESP",
-                          field="disk.partitions.files", allowed="unique destinations")
