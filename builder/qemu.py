@@ -106,6 +106,10 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
                 "-drive", f"if=pflash,format=raw,file={_opt(vars_copy)}"]
     else:
         raise ArmvmError("nothing to boot: give firmware or a direct kernel")
+    # One NIC always (QEMU would add a default one), isolated, and with an empty romfile:
+    # nothing boots from the network, and the iPXE ROM (package ipxe-qemu, only a Recommends
+    # of qemu-system-arm) need not exist. The firmware starts faster without it too.
+    cmd += ["-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile="]
     if image is not None:
         blk = "virtio-blk-pci,drive=disk0"
         if sector_size not in (None, 512, 4096):
@@ -116,8 +120,7 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
                 "-device", blk]
     if extra_virtio:
         cmd += [
-            # PCI: network (isolated user-mode backend), balloon, console (virtio-serial)
-            "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0",
+            # PCI: balloon, console (virtio-serial); the network is net0 above
             *(["-device", "virtio-balloon-pci"] if extra_virtio != "mmio" else []),
             "-device", "virtio-serial-pci", "-chardev", "null,id=vcon0",
             "-device", "virtconsole,chardev=vcon0",
