@@ -154,7 +154,8 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
     with ctx.stage("initramfs"):
         build_initramfs(out=out, kernel=kinfo, modules=modules, busybox=busybox, init_template=template,
                         payload=spec_i.payload, extra_files=extra, compression=spec_i.compression,
-                        mtime=ctx.timestamp, decompress_modules=spec_i.decompress_modules)
+                        mtime=ctx.timestamp, decompress_modules=spec_i.decompress_modules,
+                        init_template_file=spec_i.init)
     return out
 
 
@@ -171,7 +172,7 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
     from builder import bootloader as bl
     if b.type == "grub":
         template = b.config.read_text() if b.config else None
-        cfg = bl.render_grub_cfg(cmdline=cmdline, template=template)
+        cfg = bl.render_grub_cfg(cmdline=cmdline, template=template, template_file=b.config)
         tree, _ = package_tree(ctx, loader_package(ctx.recipe), "bootloader")
         if b.signed:
             return bl.find_signed_grub(tree, arch), cfg, "grub-signed"

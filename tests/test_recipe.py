@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from builder.errors import RecipeError
+from builder.errors import ArmvmError, RecipeError
 from builder.recipe import load_recipe, parse_set
 from builder.recipe_validate import parse_size
 
@@ -105,8 +105,8 @@ def test_bad_recipes_name_file_line_field(tmp_path, text, expect):
 
 
 def test_template_output_size_is_capped(tmp_path):
-    err = error_of(tmp_path, "name: \"{{ 'a' * 2000000 }}\"\n")
-    assert "larger than" in str(err)
+    err = error_of(tmp_path, "name: \"{% for i in range(3000) %}{{ 'a' * 1000 }}{% endfor %}\"\n")
+    assert "renders to more than 1048576 bytes" in str(err)
 
 
 def test_template_cannot_reach_python_internals(tmp_path):
@@ -115,9 +115,9 @@ def test_template_cannot_reach_python_internals(tmp_path):
 
 
 def test_template_endless_loop_is_stopped(tmp_path, monkeypatch):
-    from builder import recipe_validate
-    monkeypatch.setattr(recipe_validate, "RENDER_SECONDS", 0.5)
-    text = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}name: demo\n"
+    from builder import templating
+    monkeypatch.setattr(templating, "TEMPLATE_SECONDS", 0.5)
+    text = "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}name: demo\n"
     with pytest.raises(RecipeError) as info:
         load_recipe(write(tmp_path, text), environ={})
     assert "took longer" in str(info.value)
@@ -144,9 +144,9 @@ def test_parse_size_rejects(text):
 
 
 def test_set_requires_name_value():
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ArmvmError) as info:
         parse_set(["novalue"])
-    assert "name=value" in str(info.value)
+    assert "name=value" in str(info.value) and info.value.exit_code == 2
 
 
 def test_schema_is_json_and_documents_every_field():
