@@ -30,6 +30,7 @@ class BuildOptions:
     update_lock: bool = False
     progress: Optional[bool] = None
     environ: Optional[Mapping[str, str]] = None
+    lock: Optional[Path] = None            # --lock PATH (default: <name>.lock beside the recipe)
 
 
 @dataclass
@@ -41,6 +42,9 @@ class BuildResult:
     stages: Dict[str, float]
     report: object = None              # builder.verify.report.Report
     message: str = ""
+    packages: List[str] = field(default_factory=list)    # "name version" of every Debian package
+    lock: Optional[Path] = None        # the lock file the build used (None: resolved afresh)
+    warnings: List[str] = field(default_factory=list)    # recipe warnings (unused variables...)
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "name": self.name, "image": str(self.image) if self.image else None,
@@ -64,8 +68,109 @@ def source_date_epoch(recipe, environ: Mapping[str, str], lock=None) -> int:
     return spec.DEFAULT_SOURCE_DATE_EPOCH
 
 
-def lock_path(recipe) -> Path:
-    return recipe.path.with_name(recipe.path.stem + ".lock")
+def lock_path(recipe, options: Optional[BuildOptions] = None) -> Path:
+    """--lock PATH, else <rendered name>.lock beside the recipe: each templated variant
+    (another `name:`) gets its own lock."""
+    if options is not None and options.lock is not None:
+        return Path(options.lock)
+    return recipe.path.with_name(recipe.name + ".lock")
+
+
+def lock_command(recipe, options: BuildOptions) -> str:
+    """The exact `armvm-build lock` command that refreshes this build's lock."""
+    import shlex
+    args = ["armvm-build", "lock", str(recipe.path)]
+    for name, value in options.overrides.items():
+        args += ["--set", f"{name}={value}"]
+    if options.mirror:
+        args += ["--mirror", options.mirror]
+    args += ["--lock", str(lock_path(recipe, options))]
+    return shlex.join(args)
+
+
+def _with_lock_command(exc: ArmvmError, recipe, options: BuildOptions) -> ArmvmError:
+    if "update the lock" in str(exc):
+        return ArmvmError(f"{exc}; to update the lock run: {lock_command(recipe, options)} "
+                          "(or build with --update-lock)", exit_code=exc.exit_code)
+    return exc
+
+
+def preflight(recipe) -> None:
+    """Judge what needs no download, before any network access: every local file the
+    recipe names exists, the partitions fit the disk and the ESP can hold FAT32 at the
+    sector size. Errors carry the recipe line and the size needed in MiB."""
+    from builder.disk.fat32 import min_fat32_bytes
+    from builder.layout import plan_layout
+    for fname, p in _local_files(recipe):
+        if not p.is_file():
+            what = "is a directory" if p.is_dir() else "does not exist"
+            raise RecipeError(recipe.path, f"{_rel(recipe, p)} {what}", line=recipe.line_of(fname),
+                              field=fname, allowed="a regular file inside the recipe's folder")
+    ss = recipe.disk.sector_size
+    for i, part in enumerate(recipe.disk.partitions):
+        if part.type == "esp" and part.size is not None and part.size < min_fat32_bytes(ss):
+            fname = f"disk.partitions[{i}].size"
+            raise RecipeError(recipe.path, f"the ESP is {_mib(part.size)} MiB, too small for FAT32 at "
+                              f"{ss}-byte sectors: it needs at least {_mib_up(min_fat32_bytes(ss))} MiB",
+                              line=recipe.line_of(fname), field=fname,
+                              allowed=f"an ESP of at least {_mib_up(min_fat32_bytes(ss))} MiB "
+                                      f"(disk.sector_size {ss})")
+    try:
+        plan_layout(recipe, [], timestamp=0, seed="preflight")
+    except RecipeError as exc:
+        if exc.line is None and recipe.line_of(exc.field) is not None:
+            raise RecipeError(recipe.path, _message_of(exc), line=recipe.line_of(exc.field),
+                              field=exc.field, allowed=exc.allowed) from None
+        raise
+
+
+def _local_files(recipe):
+    """(field, host path) of every file the recipe names beside itself."""
+    r = recipe
+    if r.kernel and r.kernel.source.kind == "file":
+        yield "kernel.file", r.kernel.source.file
+    if r.bootloader and r.bootloader.source and r.bootloader.source.kind == "file":
+        yield "bootloader.file", r.bootloader.source.file
+    if r.bootloader and r.bootloader.config:
+        yield "bootloader.config", r.bootloader.config
+    if r.initramfs:
+        if r.initramfs.init:
+            yield "initramfs.init", r.initramfs.init
+        for n, e in enumerate(r.initramfs.files):
+            if e.source.kind == "file":
+                yield f"initramfs.files[{n}].file", e.source.file
+    for i, part in enumerate(r.disk.partitions):
+        for n, e in enumerate(part.files):
+            if e.source.kind == "file":
+                yield f"disk.partitions[{i}].files[{n}].file", e.source.file
+
+
+def _rel(recipe, p: Path) -> str:
+    try:
+        return p.relative_to(recipe.path.resolve().parent).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g}"
+
+
+def _mib_up(n: int) -> int:
+    return -(-n // (1 << 20))
+
+
+def _message_of(exc: RecipeError) -> str:
+    """The bare message of a RecipeError (without its file/field prefix and allowed suffix)."""
+    text = str(exc)
+    prefix = f"{exc.file}" + (f":{exc.line}" if exc.line else "") + ": " + \
+        (f"field '{exc.field}': " if exc.field else "")
+    suffix = f" (allowed: {exc.allowed})" if exc.allowed else ""
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    if suffix and text.endswith(suffix):
+        text = text[:-len(suffix)]
+    return text
 
 
 def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
@@ -74,7 +179,7 @@ def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
     from builder.sources import Fetcher
     cache = Cache(options.cache_dir)
     lock = None
-    lp = lock_path(recipe)
+    lp = lock_path(recipe, options)
     if use_lock and lp.exists() and not options.update_lock:
         from builder.lock import read_lock
         lock = read_lock(lp)
@@ -128,6 +233,22 @@ def gather(ctx) -> List[PlannedFile]:
 
 
 def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
+    """Build one image; on a terminal (options.progress None or True) with live progress."""
+    from builder.progress import BuildProgress
+    info: dict = {}
+    with BuildProgress(options.progress) as progress:
+        result = _build(recipe_path, options, progress, info)
+    ctx = info.get("ctx")
+    if ctx is not None:
+        result.packages = sorted({i["origin"][len("debian:"):].replace("=", " ", 1)
+                                  for i in ctx.inputs
+                                  if i["origin"].startswith("debian:") and i["origin"].count(":") == 1})
+    result.lock = info.get("lock")
+    result.warnings = list(info["recipe"].warnings) if "recipe" in info else []
+    return result
+
+
+def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildResult:
     from builder.assemble import write_image
     from builder.components import Context
     from builder.output import Staging, bmap_xml, canonical_json, sha256_sparse
@@ -135,17 +256,31 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
 
     environ = os.environ if options.environ is None else options.environ
     t_start = time.perf_counter()
-    recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
-    fetcher, archive, lock, cache = open_inputs(recipe, options)
+    with progress.stage("recipe"):
+        recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
+        info["recipe"] = recipe
+        for w in recipe.warnings:
+            progress.note(f"armvm-build: warning: {w}")
+        preflight(recipe)
+        try:
+            fetcher, archive, lock, cache = open_inputs(recipe, options)
+        except ArmvmError as exc:
+            raise _with_lock_command(exc, recipe, options) from None
+    info["lock"] = lock_path(recipe, options) if lock is not None else None
     timestamp = source_date_epoch(recipe, environ, lock)
     seed = recipe.seed or recipe.digest
     out_dir = Path(options.output_dir)
     with Staging(out_dir, recipe.name) as staging:
         work = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.work-", dir=out_dir))
         try:
-            ctx = Context(recipe, fetcher, work, timestamp, archive=archive, index_dir=cache.root / "kernel-index")
+            ctx = Context(recipe, fetcher, work, timestamp, archive=archive, index_dir=cache.root / "kernel-index",
+                          progress=progress)
+            info["ctx"] = ctx
             ctx.stages["recipe"] = time.perf_counter() - t_start
-            files = gather(ctx)
+            try:
+                files = gather(ctx)
+            except ArmvmError as exc:
+                raise _with_lock_command(exc, recipe, options) from None
             with ctx.stage("plan"):
                 layout = plan_layout(recipe, files, timestamp=timestamp, seed=seed)
             image_tmp = staging.temp_path(f"{recipe.name}.raw")
@@ -187,8 +322,8 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
             outputs = staging.commit()
             if options.update_lock and archive is not None:
                 from builder.lock import write_lock
-                write_lock(lock_path(recipe), archive.make_lock(timestamp))
-                outputs.append(lock_path(recipe))
+                write_lock(lock_path(recipe, options), archive.make_lock(timestamp))
+                outputs.append(lock_path(recipe, options))
             return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -202,31 +337,43 @@ def _stage_direct(staging, name: str, direct) -> None:
     staging.write_text(f"{name}.cmdline", cmdline + "\n")
 
 
-def lock(recipe_path, options: BuildOptions = BuildOptions()) -> Path:
-    """Resolve every Debian package the recipe uses and write <recipe stem>.lock beside it."""
+def lock(recipe_path, options: BuildOptions = BuildOptions(), on_warning=None) -> Path:
+    """Resolve every Debian package the recipe uses and write the lock (--lock PATH, else
+    <rendered name>.lock beside the recipe)."""
     from builder.lock import write_lock
+    from builder.progress import BuildProgress
     from builder.recipe import load_recipe
     environ = os.environ if options.environ is None else options.environ
-    recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
-    _, archive, _, _ = open_inputs(recipe, options, use_lock=False)
-    if archive is None:
-        raise RecipeError(recipe.path, "the recipe uses no Debian package: there is nothing to lock",
-                          field="debian", allowed="a recipe with a debian: section")
-    for name, is_kernel in packages_used(recipe):
-        archive.resolve_kernel(name) if is_kernel else archive.resolve(name)
-    path = lock_path(recipe)
+    with BuildProgress(options.progress) as progress:
+        with progress.stage("recipe"):
+            recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
+            for w in recipe.warnings:
+                (on_warning or progress.note)(w)
+            _, archive, _, _ = open_inputs(recipe, options, use_lock=False)
+        if archive is None:
+            raise RecipeError(recipe.path, "the recipe uses no Debian package: there is nothing to lock",
+                              field="debian", allowed="a recipe with a debian: section")
+        with progress.stage("resolve"):
+            for name, is_kernel in packages_used(recipe):
+                archive.resolve_kernel(name) if is_kernel else archive.resolve(name)
+    path = lock_path(recipe, options)
     write_lock(path, archive.make_lock(source_date_epoch(recipe, environ)))
     return path
 
 
-def vendor(recipe_path, dest: Path, options: BuildOptions = BuildOptions()) -> List[Path]:
+def vendor(recipe_path, dest: Path, options: BuildOptions = BuildOptions(), on_warning=None) -> List[Path]:
     """Export every .deb pinned by the recipe's lock into `dest` (for offline rebuilds)."""
-    from builder.lock import export_vendor, read_lock
+    from builder.lock import export_vendor
+    from builder.progress import BuildProgress
     from builder.recipe import load_recipe
     environ = os.environ if options.environ is None else options.environ
     recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
-    path = lock_path(recipe)
+    for w in recipe.warnings:
+        if on_warning:
+            on_warning(w)
+    path = lock_path(recipe, options)
     if not path.exists():
-        raise ArmvmError(f"{path} does not exist: run `armvm-build lock {recipe.path}` first")
+        raise ArmvmError(f"{path} does not exist: run `{lock_command(recipe, options)}` first")
     fetcher, _, lock_, cache = open_inputs(recipe, options)
-    return export_vendor(lock_, cache, fetcher, dest)
+    with BuildProgress(options.progress) as progress, progress.stage("export"):
+        return export_vendor(lock_, cache, fetcher, dest)

@@ -28,14 +28,19 @@ class Context:
     index_dir: Optional[Path] = None   # where kernel module indexes are cached
     hashes: Dict[Path, str] = field(default_factory=dict)   # sha256 of files already hashed
     direct: tuple = (None, None, "")   # (kernel, initrd, cmdline) for output.direct
+    progress: object = None            # builder.progress.BuildProgress (live display), or None
 
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
+        if self.progress is not None:
+            self.progress.enter(name)
         try:
             yield
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+            if self.progress is not None:
+                self.progress.leave(name)
 
     def record(self, role: str, origin: str, sha256: str, size: int, **extra) -> None:
         self.inputs.append({"role": role, "origin": origin, "sha256": sha256, "size": size, **extra})
