@@ -142,6 +142,20 @@ def prepare_kernel(ctx: Context):
     return fetch_source(ctx, k.source, "kernel"), None
 
 
+VIRTIO_TRANSPORTS = ("virtio_pci", "virtio_mmio")
+
+
+def with_virtio_transports(kinfo, drivers) -> tuple:
+    """A virtio device driver (virtio_blk, virtio_net, 9pnet_virtio...) finds no device
+    without a transport: add virtio_pci and virtio_mmio in front when the kernel has them
+    as modules and the recipe did not list them (built-in transports need nothing)."""
+    names = [d.replace("-", "_") for d in drivers]
+    if not any("virtio" in n and n not in VIRTIO_TRANSPORTS for n in names):
+        return tuple(drivers)
+    extra = [t for t in VIRTIO_TRANSPORTS if t not in names and t in kinfo.modules]
+    return tuple(extra) + tuple(drivers)
+
+
 def prepare_initramfs(ctx: Context, kinfo) -> Path:
     from builder.initramfs import build_initramfs, find_busybox
     from builder.kernel import resolve_drivers
@@ -152,7 +166,7 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
                           allowed="kernel: {package: linux-image-...}")
     tree, _ = package_tree(ctx, spec_i.busybox, "busybox")
     busybox = find_busybox(tree)
-    modules = resolve_drivers(kinfo, spec_i.drivers)
+    modules = resolve_drivers(kinfo, with_virtio_transports(kinfo, spec_i.drivers))
     extra = [(e.dest, fetch_source(ctx, e.source, "initramfs.files")) for e in spec_i.files]
     template = spec_i.init.read_text() if spec_i.init else None
     out = ctx.work / "initrd.img"

@@ -337,7 +337,7 @@ def check_dest(dest: str, file, line, fname, *, fat: bool = True) -> str:
     """A destination path: relative, no '..'; on the ESP (fat=True) every component must be
     storable on FAT, by the FAT writer's own rule (builder.disk.fatnames.check_name)."""
     allowed = "a relative path like EFI/BOOT/grub.cfg, without '..'"
-    if dest.startswith("/") or dest.startswith("\\") or re.match(r"^[A-Za-z]:", dest):
+    if dest.startswith("/") or dest.startswith("\\") or re.match(r"^[A-Za-z]:[\\/]", dest):
         raise RecipeError(file, f"{dest!r} is an absolute path", line=line, field=fname, allowed=allowed)
     parts = PurePosixPath(dest).parts
     if not parts:
@@ -346,7 +346,14 @@ def check_dest(dest: str, file, line, fname, *, fat: bool = True) -> str:
         if part in (".", ".."):
             raise RecipeError(file, f"{dest!r} contains '{part}'", line=line, field=fname, allowed=allowed)
         if fat:
-            from builder.disk.fatnames import check_name
+            from builder.disk.fatnames import ALLOWED_TEXT, FORBIDDEN_CHARS, check_name
+            bad = sorted({c for c in part if c in FORBIDDEN_CHARS or ord(c) < 0x20})
+            if bad:
+                shown = " ".join(repr(c) for c in bad)
+                raise RecipeError(file, f"FAT cannot store the name {part!r}: "
+                                  f"{'the characters' if len(bad) > 1 else 'the character'} {shown} "
+                                  f"{'are' if len(bad) > 1 else 'is'} not allowed in a FAT name",
+                                  line=line, field=fname, allowed=ALLOWED_TEXT)
             try:
                 check_name(part)
             except ArmvmError as exc:

@@ -16,7 +16,8 @@ MAX_YAML_NODES = 200_000                 # bounds alias expansion ("billion laug
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024 ** 2, "mib": 1024 ** 2,
           "g": 1024 ** 3, "gib": 1024 ** 3, "t": 1024 ** 4, "tib": 1024 ** 4,
           "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4}
-SIZE_ALLOWED = "a number of bytes or a number with KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+SIZE_ALLOWED = ("a number of bytes, or a number with KiB, MiB, GiB, TiB (K, M, G, T mean the same "
+                "binary units: 64M is 64 MiB) or KB, MB, GB, TB (powers of 1000)")
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -31,8 +32,12 @@ def parse_size(text: Any, *, file=None, line=None, field_name=None) -> int:
         if not m or unit is None:
             raise RecipeError(file, f"cannot parse size {text!r}", line=line, field=field_name, allowed=SIZE_ALLOWED)
         value = int(float(m.group(1)) * unit) if "." in m.group(1) else int(m.group(1)) * unit
-    if value <= 0 or value > MAX_DISK_BYTES:
-        raise RecipeError(file, f"size {text!r} is out of range", line=line, field=field_name,
+    if value > MAX_DISK_BYTES:
+        raise RecipeError(file, f"size {text!r} is {value} bytes, more than the maximum "
+                          f"{MAX_DISK_BYTES // 1024 ** 4} TiB ({MAX_DISK_BYTES} bytes)", line=line,
+                          field=field_name, allowed=f"1 byte to {MAX_DISK_BYTES // 1024 ** 4} TiB")
+    if value <= 0:
+        raise RecipeError(file, f"size {text!r} is not positive", line=line, field=field_name,
                           allowed=f"1 byte to {MAX_DISK_BYTES // 1024 ** 4} TiB")
     return value
 
@@ -63,6 +68,21 @@ def _extract_vars_block(text: str, file) -> dict:
                 raise RecipeError(file, "must be a mapping of names to values", line=i + 1, field="vars")
             return value
     return {}
+
+
+def _yaml_error_line(exc, text: str):
+    """(line, message) for a YAML syntax error. An unclosed quote or bracket is reported
+    where it was opened (PyYAML's problem mark is then often past the end of the file)."""
+    last = text.count("\n") + (0 if text.endswith("\n") else 1)
+    problem = getattr(exc, "problem_mark", None)
+    context, cmark = getattr(exc, "context", None) or "", getattr(exc, "context_mark", None)
+    pline = min(problem.line + 1, max(last, 1)) if problem else None
+    message = _yaml_problem(exc)
+    if cmark is not None and ("quoted" in context or "flow" in context):
+        cline = cmark.line + 1
+        what = re.sub(r"^while (scanning|parsing) ", "", context)
+        return cline, f"{what} opened on this line is not closed properly ({message} at line {pline})"
+    return pline, message
 
 
 def _yaml_problem(exc) -> str:
@@ -131,8 +151,8 @@ def parse_yaml(text: str, file, substitute=None) -> Tuple[Any, dict]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(file, f"malformed YAML: {_yaml_problem(exc)}", line=mark.line + 1 if mark else None)
+        line, message = _yaml_error_line(exc, text)
+        raise RecipeError(file, f"malformed YAML: {message}", line=line)
     if root is None:
         raise RecipeError(file, "the recipe is empty", allowed="a YAML mapping with name, arch and disk")
     constructor = yaml.SafeLoader("")
