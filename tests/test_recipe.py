@@ -75,7 +75,7 @@ def test_digest_independent_of_folder_and_vars_spelling(tmp_path):
 
 
 @pytest.mark.parametrize("text, expect", [
-    ("name: [demo\n", ["malformed YAML", ":2"]),
+    ("name: [demo\n", ["malformed YAML", ":1:", "flow sequence opened on this line"]),
     (GOOD + "colour: blue\n", ["unknown field 'colour'", ":15", "allowed: name, arch"]),
     (GOOD.replace("arch: aarch64\n", ""), ["missing required field 'arch'"]),
     (GOOD.replace("sector_size: 512", "sector_size: big"), ["disk.sector_size", "expected an integer", ":8"]),
