@@ -9,7 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from builder import __version__, spec
 from builder.errors import ArmvmError, RecipeError
@@ -31,6 +31,7 @@ class BuildOptions:
     progress: Optional[bool] = None
     environ: Optional[Mapping[str, str]] = None
     lock: Optional[Path] = None            # --lock PATH (default: <name>.lock beside the recipe)
+    on_warning: Optional[Callable[[str], None]] = None   # called at once for each recipe warning
 
 
 @dataclass
@@ -241,8 +242,7 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
     ctx = info.get("ctx")
     if ctx is not None:
         result.packages = sorted({i["origin"][len("debian:"):].replace("=", " ", 1)
-                                  for i in ctx.inputs
-                                  if i["origin"].startswith("debian:") and i["origin"].count(":") == 1})
+                                  for i in ctx.inputs if i["origin"].startswith("debian:") and "filename" in i})
     result.lock = info.get("lock")
     result.warnings = list(info["recipe"].warnings) if "recipe" in info else []
     return result
@@ -260,7 +260,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
         recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
         info["recipe"] = recipe
         for w in recipe.warnings:
-            progress.note(f"armvm-build: warning: {w}")
+            progress.warn(w, options.on_warning)
         preflight(recipe)
         try:
             fetcher, archive, lock, cache = open_inputs(recipe, options)
@@ -348,7 +348,7 @@ def lock(recipe_path, options: BuildOptions = BuildOptions(), on_warning=None) -
         with progress.stage("recipe"):
             recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
             for w in recipe.warnings:
-                (on_warning or progress.note)(w)
+                progress.warn(w, on_warning)
             _, archive, _, _ = open_inputs(recipe, options, use_lock=False)
         if archive is None:
             raise RecipeError(recipe.path, "the recipe uses no Debian package: there is nothing to lock",

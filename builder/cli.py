@@ -97,12 +97,10 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
     try:
         options = BuildOptions(output_dir=output, overrides=overrides, checksum=checksum, offline=offline,
                                mirror=mirror, keyring=keyring, vendor_dirs=tuple(vendor), lock=lock_file,
-                               update_lock=update_lock, progress=_progress(quiet or as_json))
+                               update_lock=update_lock, progress=_progress(quiet or as_json), on_warning=_warn)
         result = do_build(recipe, options)
     except ArmvmError as err:
         _fail(err, as_json)
-    for w in result.warnings:
-        _warn(w)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     elif result.ok:

@@ -91,10 +91,12 @@ class BuildProgress:
         running = time.monotonic() - self._since[name] if name in self._since else 0.0
         return self._spent.get(name, 0.0) + running
 
-    def note(self, text: str) -> None:
-        """Print a line above the live display (or plainly when there is none)."""
+    def warn(self, text: str, fallback=None) -> None:
+        """A warning now: above the live display, else through `fallback` (the CLI's)."""
         if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False)
+            self._progress.console.print(f"armvm-build: warning: {text}", markup=False, highlight=False)
+        elif fallback is not None:
+            fallback(text)
 
 
 def _StageTime(owner: BuildProgress):

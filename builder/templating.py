@@ -14,6 +14,7 @@ Errors name the template file, the line inside it and the variables it may use.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -138,6 +139,7 @@ def render(source: str, variables: Mapping[str, Any], spec: TemplateSpec, *, fil
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:                                    # child: never returns
+        gc.disable()                                # a collection would touch (copy) every page
         os.close(read_fd)
         status = 0
         try:

@@ -42,8 +42,8 @@ def run_in_pty(argv, env, cwd, timeout=900):
     master, slave = pty.openpty()
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True)
     os.close(slave)
-    out, gaps, last = bytearray(), [], time.monotonic()
-    start = last
+    out, gaps, last = bytearray(), [], None          # from the first output on (start-up is no stage)
+    start = time.monotonic()
     try:
         while True:
             ready, _, _ = select.select([master], [], [], 1.0)
@@ -55,7 +55,8 @@ def run_in_pty(argv, env, cwd, timeout=900):
                 if not chunk:
                     break
                 now = time.monotonic()
-                gaps.append(now - last)
+                if last is not None:
+                    gaps.append(now - last)
                 last = now
                 out += chunk
             elif proc.poll() is not None:
