@@ -160,7 +160,7 @@ def render(source: str, variables: Mapping[str, Any], spec: TemplateSpec, *, fil
 
 def _collect(pid: int, read_fd: int, spec: TemplateSpec, file) -> Rendered:
     deadline = time.monotonic() + TEMPLATE_SECONDS
-    chunks, timed_out = [], False
+    chunks, timed_out, finished = [], False, False
     try:
         while True:
             left = deadline - time.monotonic()
@@ -172,11 +172,12 @@ def _collect(pid: int, read_fd: int, spec: TemplateSpec, file) -> Rendered:
                 continue
             chunk = os.read(read_fd, 1 << 20)
             if not chunk:
+                finished = True
                 break
             chunks.append(chunk)
     finally:
         os.close(read_fd)
-        if timed_out:
+        if not finished:                            # timed out, or interrupted (^C)
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     if timed_out:
