@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from builder.build import BuildOptions, build, lock_command, lock_path, preflight
+from builder.build import BuildOptions, build, lock_command, lock_path
+from builder.preflight import preflight
 from builder.errors import RecipeError
 from builder.recipe import load_recipe
 from tests.fixtures import efi_recipe
