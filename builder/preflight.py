@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.errors import RecipeError
+from builder.recipe_validate import bare_message
 
 
 def preflight(recipe) -> None:
@@ -34,7 +35,7 @@ def preflight(recipe) -> None:
         plan_layout(recipe, [], timestamp=0, seed="preflight")
     except RecipeError as exc:
         if exc.line is None and recipe.line_of(exc.field) is not None:
-            raise RecipeError(recipe.path, _message_of(exc), line=recipe.line_of(exc.field),
+            raise RecipeError(recipe.path, bare_message(exc), line=recipe.line_of(exc.field),
                               field=exc.field, allowed=exc.allowed) from None
         raise
 
@@ -73,16 +74,3 @@ def _mib(n: int) -> str:
 
 def _mib_up(n: int) -> int:
     return -(-n // (1 << 20))
-
-
-def _message_of(exc: RecipeError) -> str:
-    """The bare message of a RecipeError (without its file/field prefix and allowed suffix)."""
-    text = str(exc)
-    prefix = f"{exc.file}" + (f":{exc.line}" if exc.line else "") + ": " + \
-        (f"field '{exc.field}': " if exc.field else "")
-    suffix = f" (allowed: {exc.allowed})" if exc.allowed else ""
-    if text.startswith(prefix):
-        text = text[len(prefix):]
-    if suffix and text.endswith(suffix):
-        text = text[:-len(suffix)]
-    return text

@@ -237,11 +237,18 @@ def load_recipe(path, *, overrides: Optional[Mapping[str, Any]] = None,
     variables.update(env)
     variables.update(overrides or {})
     rendered, names_read, substitute = rv.render(text, variables, path)
-    data, lines = rv.parse_yaml(rendered, path, substitute)
-    if not isinstance(data, dict):
-        raise RecipeError(path, "the recipe must be a YAML mapping", line=1, allowed="name, arch, disk, ...")
-    rv.validate(data, lines, path)
-    recipe = _to_recipe(path, data, lines)
+    try:
+        data, lines = rv.parse_yaml(rendered, path, substitute)
+        if not isinstance(data, dict):
+            raise RecipeError(path, "the recipe must be a YAML mapping", line=1, allowed="name, arch, disk, ...")
+        rv.validate(data, lines, path)
+        recipe = _to_recipe(path, data, lines)
+    except RecipeError as exc:
+        if exc.line and rendered.count("\n") != text.count("\n"):
+            raise RecipeError(path, rv.bare_message(exc) + f" [line {exc.line} of the rendered recipe: "
+                              "its template adds or removes lines]", line=exc.line, field=exc.field,
+                              allowed=exc.allowed) from None
+        raise
     warnings = unused_variable_warnings(names_read, env, overrides or {}, list(declared))
     return dataclasses.replace(recipe, warnings=warnings)
 

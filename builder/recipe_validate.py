@@ -186,6 +186,19 @@ def parse_yaml(text: str, file, substitute=None) -> Tuple[Any, dict]:
     return build(root, ()), lines
 
 
+def bare_message(exc: RecipeError) -> str:
+    """The bare message of a RecipeError (without its file/field prefix and allowed suffix)."""
+    text = str(exc)
+    prefix = f"{exc.file}" + (f":{exc.line}" if exc.line else "") + ": " + \
+        (f"field '{exc.field}': " if exc.field else "")
+    suffix = f" (allowed: {exc.allowed})" if exc.allowed else ""
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    if suffix and text.endswith(suffix):
+        text = text[:-len(suffix)]
+    return text
+
+
 def _dotted(path) -> str:
     out = ""
     for p in path:

@@ -160,3 +160,11 @@ def test_schema_is_json_and_documents_every_field():
             walk(node["items"], path + "[]")
     walk(SCHEMA, "")
     json.dumps(SCHEMA)
+
+
+def test_error_line_in_a_template_that_changes_the_line_count_says_so(tmp_path):
+    text = "name: demo\narch: aarch64\n{% for i in range(3) %}\nx{{ i }}: 1\n{% endfor %}\n"
+    err = str(error_of(tmp_path, text))
+    assert "r.yaml:4:" in err and "unknown field 'x0'" in err and "line 4 of the rendered recipe" in err
+    err = str(error_of(tmp_path, "name: demo\narch: aarch64\ncolour: {{ 'blue' }}\n"))
+    assert "r.yaml:3:" in err and "rendered" not in err
