@@ -24,9 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
-
 from . import spec
 from .errors import ArmvmError, MissingToolError
 
@@ -42,7 +39,6 @@ GRUB_SIGNED_PACKAGES = {"aarch64": "grub-efi-arm64-signed"}
 GRUB_MKIMAGE = "grub-mkimage"
 GRUB_TEMPLATE = Path(__file__).with_name("templates") / "grub.cfg.j2"
 MAX_GRUB_CFG_BYTES = 64 * 1024       # rendered grub.cfg cap (templates are user input)
-MAX_TEMPLATE_INT = 1_000_000         # largest int a template may multiply/call with
 MAX_CMDLINE = 2048                   # COMMAND_LINE_SIZE of arm64 (armhf: 1024)
 _GRUB_BARE = re.compile(r"^[A-Za-z0-9_.,:=/+@%^-]+$")    # needs no quoting in GRUB
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -152,70 +148,15 @@ def _walk_files(root: Path, *, limit: int):
 
 # --- grub.cfg ----------------------------------------------------------------------------
 
-# Templates are recipe input.  The sandbox blocks attribute walking (cycler.__init__...);
-# on top of it only size-preserving filters and str methods are offered, numbers and
-# repetitions are bounded, and the rendered text is capped while it is generated.
-SAFE_FILTERS = frozenset([
-    "default", "d", "first", "last", "length", "count", "join", "int", "string", "lower",
-    "upper", "trim", "title", "capitalize", "list", "sort", "unique", "select", "reject",
-    "map", "selectattr", "rejectattr", "min", "max", "sum", "abs", "round", "tojson",
-    "grub_quote"])
-SAFE_STR_METHODS = frozenset([
-    "lower", "upper", "strip", "lstrip", "rstrip", "split", "rsplit", "splitlines",
-    "startswith", "endswith", "title", "capitalize", "casefold", "find", "rfind", "count",
-    "partition", "rpartition", "isdigit", "isalpha", "isalnum", "isspace"])
-MAX_TEMPLATE_RANGE = 1000
-
-
-def _check_ints(values) -> None:
-    for v in values:
-        if isinstance(v, int) and abs(v) > MAX_TEMPLATE_INT:
-            raise ArmvmError(f"grub.cfg template: the number {v} is too large "
-                             f"(at most {MAX_TEMPLATE_INT})")
-
-
-def _bounded_range(*args):
-    _check_ints(args)
-    r = range(*args)
-    if len(r) > MAX_TEMPLATE_RANGE:
-        raise ArmvmError(f"grub.cfg template: range of {len(r)} items is too large "
-                         f"(at most {MAX_TEMPLATE_RANGE})")
-    return r
-
-
-class _BoundedSandbox(SandboxedEnvironment):
-    """Jinja2 sandbox that also refuses huge numbers, repetitions and ranges."""
-
-    intercepted_binops = frozenset(["*", "**"])
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.filters = {k: f for k, f in self.filters.items() if k in SAFE_FILTERS}
-        self.globals["range"] = _bounded_range
-
-    def wrap_str_format(self, value):
-        return None              # no str.format / format_map: is_safe_attribute refuses them
-
-    def is_safe_attribute(self, obj, attr, value) -> bool:
-        if isinstance(obj, str) and attr not in SAFE_STR_METHODS:
-            return False
-        return super().is_safe_attribute(obj, attr, value)
-
-    def call_binop(self, context, operator, left, right):
-        _check_ints((left, right))
-        if operator == "**" and isinstance(right, int) and right > 64:
-            raise ArmvmError(f"grub.cfg template: exponent {right} is too large")
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and \
-                        len(seq) * n > MAX_GRUB_CFG_BYTES:
-                    raise ArmvmError(f"grub.cfg template: repetition of {len(seq) * n} items "
-                                     f"is too large (at most {MAX_GRUB_CFG_BYTES})")
-        return super().call_binop(context, operator, left, right)
-
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-        _check_ints(list(args) + list(kwargs.values()))
-        return super().call(__context, __obj, *args, **kwargs)
+# Variables a grub.cfg template sees (README "Template variables" is generated from this).
+GRUB_TEMPLATE_VARS = {
+    "kernel_path": "Absolute path of the kernel on the ESP, e.g. /vmlinuz.",
+    "initrd_path": "Absolute path of the initramfs on the ESP, e.g. /initrd.img; empty without one.",
+    "cmdline": "The kernel command line as written in the recipe (kernel.cmdline).",
+    "cmdline_grub": "The same, each word quoted for GRUB's parser (use this after `linux`).",
+    "timeout": "GRUB menu timeout in seconds (0).",
+}
+GRUB_TEMPLATE_FILTERS = {"grub_quote": "Quote one word for GRUB (single quotes stop $ expansion)."}
 
 
 def grub_quote(word: str) -> str:
@@ -241,12 +182,13 @@ def _check_esp_path(what: str, value: str) -> str:
 
 def render_grub_cfg(*, kernel_path: str = spec.ESP_KERNEL_PATH,
                     initrd_path: str | None = spec.ESP_INITRD_PATH, cmdline: str,
-                    template: str | None = None, timeout: int = 0) -> str:
+                    template: str | None = None, timeout: int = 0,
+                    template_file=None) -> str:
     """Render grub.cfg (default: templates/grub.cfg.j2) in a bounded Jinja2 sandbox.
 
-    Template variables: kernel_path, initrd_path (absolute, e.g. '/vmlinuz'; initrd_path
-    may be empty), cmdline (raw text), cmdline_grub (quoted for GRUB), timeout; filter
-    grub_quote.  Any template error is an ArmvmError.
+    Template variables: GRUB_TEMPLATE_VARS; filter grub_quote. Rendering is bounded in
+    memory and time (builder.templating); any template error is a RecipeError naming
+    `template_file` and the line.
     """
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in cmdline):
         raise ArmvmError("kernel command line contains a control character (newline, tab, "
@@ -264,25 +206,13 @@ def render_grub_cfg(*, kernel_path: str = spec.ESP_KERNEL_PATH,
     kernel = "/" + _check_esp_path("kernel path", kernel_path)
     initrd = "/" + _check_esp_path("initrd path", initrd_path) if initrd_path else ""
     source = template if template is not None else GRUB_TEMPLATE.read_text(encoding="utf-8")
-    if len(source) > MAX_GRUB_CFG_BYTES:
-        raise ArmvmError(f"grub.cfg template is {len(source)} characters "
-                         f"(at most {MAX_GRUB_CFG_BYTES})")
-    env = _BoundedSandbox(undefined=StrictUndefined, autoescape=False,
-                          keep_trailing_newline=True)
-    env.filters["grub_quote"] = grub_quote
+    from builder import templating
+    tspec = templating.TemplateSpec(what="grub.cfg template", max_bytes=MAX_GRUB_CFG_BYTES,
+                                    filters={"grub_quote": grub_quote},
+                                    allowed_names=sorted(GRUB_TEMPLATE_VARS),
+                                    field="bootloader.config" if template is not None else None)
     values = dict(kernel_path=kernel, initrd_path=initrd, cmdline=cmdline,
                   cmdline_grub=_grub_cmdline(cmdline), timeout=timeout)
-    pieces, size = [], 0
-    try:
-        for chunk in env.from_string(source).generate(**values):
-            size += len(chunk)
-            if size > MAX_GRUB_CFG_BYTES:
-                raise ArmvmError(f"rendered grub.cfg exceeds {MAX_GRUB_CFG_BYTES} bytes")
-            pieces.append(chunk)
-    except ArmvmError:
-        raise
-    except TemplateError as e:
-        raise ArmvmError(f"grub.cfg template: {type(e).__name__}: {e}") from None
-    except (TypeError, ValueError, AttributeError, OverflowError, MemoryError) as e:
-        raise ArmvmError(f"grub.cfg template failed: {type(e).__name__}: {e}") from None
-    return "".join(pieces)
+    assert set(values) == set(GRUB_TEMPLATE_VARS)
+    file = template_file or (GRUB_TEMPLATE if template is None else "(grub.cfg template)")
+    return templating.render(source, values, tspec, file=file).text

@@ -9,12 +9,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from builder import __version__, spec
 from builder.errors import ArmvmError, RecipeError
 from builder.components import packages_used
 from builder.layout import PlannedFile, plan_layout
+from builder.preflight import preflight
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class BuildOptions:
     update_lock: bool = False
     progress: Optional[bool] = None
     environ: Optional[Mapping[str, str]] = None
+    lock: Optional[Path] = None            # --lock PATH (default: <name>.lock beside the recipe)
+    on_warning: Optional[Callable[[str], None]] = None   # called at once for each recipe warning
 
 
 @dataclass
@@ -41,6 +44,9 @@ class BuildResult:
     stages: Dict[str, float]
     report: object = None              # builder.verify.report.Report
     message: str = ""
+    packages: List[str] = field(default_factory=list)    # "name version" of every Debian package
+    lock: Optional[Path] = None        # the lock file the build used (None: resolved afresh)
+    warnings: List[str] = field(default_factory=list)    # recipe warnings (unused variables...)
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "name": self.name, "image": str(self.image) if self.image else None,
@@ -64,8 +70,31 @@ def source_date_epoch(recipe, environ: Mapping[str, str], lock=None) -> int:
     return spec.DEFAULT_SOURCE_DATE_EPOCH
 
 
-def lock_path(recipe) -> Path:
-    return recipe.path.with_name(recipe.path.stem + ".lock")
+def lock_path(recipe, options: Optional[BuildOptions] = None) -> Path:
+    """--lock PATH, else <rendered name>.lock beside the recipe: each templated variant
+    (another `name:`) gets its own lock."""
+    if options is not None and options.lock is not None:
+        return Path(options.lock)
+    return recipe.path.with_name(recipe.name + ".lock")
+
+
+def lock_command(recipe, options: BuildOptions) -> str:
+    """The exact `armvm-build lock` command that refreshes this build's lock."""
+    import shlex
+    args = ["armvm-build", "lock", str(recipe.path)]
+    for name, value in options.overrides.items():
+        args += ["--set", f"{name}={value}"]
+    if options.mirror:
+        args += ["--mirror", options.mirror]
+    args += ["--lock", str(lock_path(recipe, options))]
+    return shlex.join(args)
+
+
+def _with_lock_command(exc: ArmvmError, recipe, options: BuildOptions) -> ArmvmError:
+    if "update the lock" in str(exc):
+        return ArmvmError(f"{exc}; to update the lock run: {lock_command(recipe, options)} "
+                          "(or build with --update-lock)", exit_code=exc.exit_code)
+    return exc
 
 
 def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
@@ -74,7 +103,7 @@ def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
     from builder.sources import Fetcher
     cache = Cache(options.cache_dir)
     lock = None
-    lp = lock_path(recipe)
+    lp = lock_path(recipe, options)
     if use_lock and lp.exists() and not options.update_lock:
         from builder.lock import read_lock
         lock = read_lock(lp)
@@ -128,6 +157,21 @@ def gather(ctx) -> List[PlannedFile]:
 
 
 def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
+    """Build one image; on a terminal (options.progress None or True) with live progress."""
+    from builder.progress import BuildProgress
+    info: dict = {}
+    with BuildProgress(options.progress) as progress:
+        result = _build(recipe_path, options, progress, info)
+    ctx = info.get("ctx")
+    if ctx is not None:
+        result.packages = sorted({i["origin"][len("debian:"):].replace("=", " ", 1)
+                                  for i in ctx.inputs if i["origin"].startswith("debian:") and "filename" in i})
+    result.lock = info.get("lock")
+    result.warnings = list(info["recipe"].warnings) if "recipe" in info else []
+    return result
+
+
+def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildResult:
     from builder.assemble import write_image
     from builder.components import Context
     from builder.output import Staging, bmap_xml, canonical_json, sha256_sparse
@@ -135,17 +179,31 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
 
     environ = os.environ if options.environ is None else options.environ
     t_start = time.perf_counter()
-    recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
-    fetcher, archive, lock, cache = open_inputs(recipe, options)
+    with progress.stage("recipe"):
+        recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
+        info["recipe"] = recipe
+        for w in recipe.warnings:
+            progress.warn(w, options.on_warning)
+        preflight(recipe)
+        try:
+            fetcher, archive, lock, cache = open_inputs(recipe, options)
+        except ArmvmError as exc:
+            raise _with_lock_command(exc, recipe, options) from None
+    info["lock"] = lock_path(recipe, options) if lock is not None else None
     timestamp = source_date_epoch(recipe, environ, lock)
     seed = recipe.seed or recipe.digest
     out_dir = Path(options.output_dir)
     with Staging(out_dir, recipe.name) as staging:
         work = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.work-", dir=out_dir))
         try:
-            ctx = Context(recipe, fetcher, work, timestamp, archive=archive, index_dir=cache.root / "kernel-index")
+            ctx = Context(recipe, fetcher, work, timestamp, archive=archive, index_dir=cache.root / "kernel-index",
+                          progress=progress)
+            info["ctx"] = ctx
             ctx.stages["recipe"] = time.perf_counter() - t_start
-            files = gather(ctx)
+            try:
+                files = gather(ctx)
+            except ArmvmError as exc:
+                raise _with_lock_command(exc, recipe, options) from None
             with ctx.stage("plan"):
                 layout = plan_layout(recipe, files, timestamp=timestamp, seed=seed)
             image_tmp = staging.temp_path(f"{recipe.name}.raw")
@@ -187,8 +245,8 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
             outputs = staging.commit()
             if options.update_lock and archive is not None:
                 from builder.lock import write_lock
-                write_lock(lock_path(recipe), archive.make_lock(timestamp))
-                outputs.append(lock_path(recipe))
+                write_lock(lock_path(recipe, options), archive.make_lock(timestamp))
+                outputs.append(lock_path(recipe, options))
             return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -202,31 +260,43 @@ def _stage_direct(staging, name: str, direct) -> None:
     staging.write_text(f"{name}.cmdline", cmdline + "\n")
 
 
-def lock(recipe_path, options: BuildOptions = BuildOptions()) -> Path:
-    """Resolve every Debian package the recipe uses and write <recipe stem>.lock beside it."""
+def lock(recipe_path, options: BuildOptions = BuildOptions(), on_warning=None) -> Path:
+    """Resolve every Debian package the recipe uses and write the lock (--lock PATH, else
+    <rendered name>.lock beside the recipe)."""
     from builder.lock import write_lock
+    from builder.progress import BuildProgress
     from builder.recipe import load_recipe
     environ = os.environ if options.environ is None else options.environ
-    recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
-    _, archive, _, _ = open_inputs(recipe, options, use_lock=False)
-    if archive is None:
-        raise RecipeError(recipe.path, "the recipe uses no Debian package: there is nothing to lock",
-                          field="debian", allowed="a recipe with a debian: section")
-    for name, is_kernel in packages_used(recipe):
-        archive.resolve_kernel(name) if is_kernel else archive.resolve(name)
-    path = lock_path(recipe)
+    with BuildProgress(options.progress) as progress:
+        with progress.stage("recipe"):
+            recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
+            for w in recipe.warnings:
+                progress.warn(w, on_warning)
+            _, archive, _, _ = open_inputs(recipe, options, use_lock=False)
+        if archive is None:
+            raise RecipeError(recipe.path, "the recipe uses no Debian package: there is nothing to lock",
+                              field="debian", allowed="a recipe with a debian: section")
+        with progress.stage("resolve"):
+            for name, is_kernel in packages_used(recipe):
+                archive.resolve_kernel(name) if is_kernel else archive.resolve(name)
+    path = lock_path(recipe, options)
     write_lock(path, archive.make_lock(source_date_epoch(recipe, environ)))
     return path
 
 
-def vendor(recipe_path, dest: Path, options: BuildOptions = BuildOptions()) -> List[Path]:
+def vendor(recipe_path, dest: Path, options: BuildOptions = BuildOptions(), on_warning=None) -> List[Path]:
     """Export every .deb pinned by the recipe's lock into `dest` (for offline rebuilds)."""
-    from builder.lock import export_vendor, read_lock
+    from builder.lock import export_vendor
+    from builder.progress import BuildProgress
     from builder.recipe import load_recipe
     environ = os.environ if options.environ is None else options.environ
     recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
-    path = lock_path(recipe)
+    for w in recipe.warnings:
+        if on_warning:
+            on_warning(w)
+    path = lock_path(recipe, options)
     if not path.exists():
-        raise ArmvmError(f"{path} does not exist: run `armvm-build lock {recipe.path}` first")
+        raise ArmvmError(f"{path} does not exist: run `{lock_command(recipe, options)}` first")
     fetcher, _, lock_, cache = open_inputs(recipe, options)
-    return export_vendor(lock_, cache, fetcher, dest)
+    with BuildProgress(options.progress) as progress, progress.stage("export"):
+        return export_vendor(lock_, cache, fetcher, dest)

@@ -56,10 +56,25 @@ def _progress(quiet: bool) -> Optional[bool]:
     return False if quiet else None
 
 
+def _warn(text: str) -> None:
+    typer.echo(f"armvm-build: warning: {text}", err=True)
+
+
+def _usage(err: ArmvmError) -> None:
+    """--set and friends: a malformed argument is a usage error (exit 2)."""
+    typer.echo(f"armvm-build: error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+SET_HELP = ("Template variable name=value (repeatable; names are case-sensitive; a value that is "
+            "more than one plain word stays text inside its YAML scalar).")
+LOCK_HELP = "Lock file to use/write (default: <name>.lock beside the recipe, name as rendered)."
+
+
 @app.command()
 def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-templated)."),
           output: Path = typer.Option(Path("output"), "-o", "--output", help="Output folder."),
-          set_: List[str] = typer.Option([], "--set", help="Template variable name=value (repeatable)."),
+          set_: List[str] = typer.Option([], "--set", help=SET_HELP),
           checksum: bool = typer.Option(False, "--checksum", help="Also write <name>.raw.sha256 (whole image)."),
           offline: bool = typer.Option(False, "--offline", help="Make no network request (cache, --vendor, lock)."),
           mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror URL (else ARMVM_MIRROR, "
@@ -68,16 +83,21 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
                                                  "(default: Debian's archive keyring)."),
           vendor: List[Path] = typer.Option([], "--vendor", help="Folder of exported .debs to use before the "
                                             "network (repeatable)."),
-          update_lock: bool = typer.Option(False, "--update-lock", help="Ignore <recipe>.lock and refresh it."),
-          quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+          lock_file: Optional[Path] = typer.Option(None, "--lock", help=LOCK_HELP),
+          update_lock: bool = typer.Option(False, "--update-lock", help="Ignore the lock and refresh it."),
+          quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display."),
           as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
     """Build output/<name>.raw (+ .manifest.json, .verify.json, .bmap) from a recipe."""
     from builder.build import BuildOptions, build as do_build
     from builder.recipe import parse_set
     try:
-        options = BuildOptions(output_dir=output, overrides=parse_set(set_), checksum=checksum, offline=offline,
-                               mirror=mirror, keyring=keyring, vendor_dirs=tuple(vendor),
-                               update_lock=update_lock, progress=_progress(quiet or as_json))
+        overrides = parse_set(set_)
+    except ArmvmError as err:
+        _usage(err)
+    try:
+        options = BuildOptions(output_dir=output, overrides=overrides, checksum=checksum, offline=offline,
+                               mirror=mirror, keyring=keyring, vendor_dirs=tuple(vendor), lock=lock_file,
+                               update_lock=update_lock, progress=_progress(quiet or as_json), on_warning=_warn)
         result = do_build(recipe, options)
     except ArmvmError as err:
         _fail(err, as_json)
@@ -88,11 +108,43 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
         for p in result.outputs:
             if p != result.image:
                 typer.echo(f"  {p}")
+        for line in _inputs_lines(result, recipe, overrides, lock_file):
+            typer.echo("  " + line)
         typer.echo("  self-check: " + _summary_line(result.report))
+        for line in _check_lines(result.report, ("fail", "warn")):
+            typer.echo("    " + line)
         typer.echo("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.stages.items()))
     if not result.ok:
         typer.echo(f"armvm-build: error: {result.message}", err=True)
+        if result.report is not None and not as_json:
+            for line in _check_lines(result.report, ("fail", "warn")):
+                typer.echo("  " + line, err=True)
         raise typer.Exit(EXIT_FAILED)
+
+
+def _inputs_lines(result, recipe: Path, overrides: dict, lock_file: Optional[Path]) -> List[str]:
+    """What the build was made from: the Debian packages and versions, and the lock."""
+    lines = []
+    if result.packages:
+        lines.append("packages: " + ", ".join(result.packages))
+        if result.lock is not None:
+            lines.append(f"lock: {result.lock} (versions pinned by it)")
+        else:
+            import shlex
+            cmd = ["armvm-build", "lock", str(recipe)] + [a for k, v in overrides.items()
+                                                            for a in ("--set", f"{k}={v}")]
+            if lock_file is not None:
+                cmd += ["--lock", str(lock_file)]
+            lines.append(f"lock: none (resolved from the archive; pin them with: {shlex.join(cmd)})")
+    return lines
+
+
+def _check_lines(report, results) -> List[str]:
+    """One line per check with one of `results`, with its detail (fail first)."""
+    order = {r: i for i, r in enumerate(results)}
+    picked = sorted((c for c in report.checks if c.result in order),
+                    key=lambda c: (order[c.result], c.level != "MUST", c.id))
+    return [f"{c.result.upper():<4} {c.level:<6} {c.id}: {c.detail or '-'}" for c in picked]
 
 
 def _summary_line(report) -> str:
@@ -189,33 +241,43 @@ def _direct_files(image: Path):
 
 @app.command("lock")
 def lock_cmd(recipe: Path = typer.Argument(..., help="The recipe."),
-             set_: List[str] = typer.Option([], "--set", help="Template variable name=value (repeatable)."),
+             set_: List[str] = typer.Option([], "--set", help=SET_HELP),
              mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror URL."),
              keyring: Optional[Path] = typer.Option(None, "--keyring", help="OpenPGP keyring for InRelease."),
-             quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars.")):
-    """Pin every Debian package the recipe uses (and SOURCE_DATE_EPOCH) in <recipe stem>.lock."""
+             lock_file: Optional[Path] = typer.Option(None, "--lock", help=LOCK_HELP),
+             quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display.")):
+    """Pin every Debian package the recipe uses (and SOURCE_DATE_EPOCH) in a lock file."""
     from builder.build import BuildOptions, lock
     from builder.recipe import parse_set
     try:
-        path = lock(recipe, BuildOptions(overrides=parse_set(set_), mirror=mirror, keyring=keyring,
-                                         progress=_progress(quiet)))
+        overrides = parse_set(set_)
+    except ArmvmError as err:
+        _usage(err)
+    try:
+        path = lock(recipe, BuildOptions(overrides=overrides, mirror=mirror, keyring=keyring, lock=lock_file,
+                                         progress=_progress(quiet)), on_warning=_warn)
     except ArmvmError as err:
         _fail(err, False)
     typer.echo(f"wrote {path}")
 
 
 @app.command("vendor")
-def vendor_cmd(recipe: Path = typer.Argument(..., help="The recipe (its .lock must exist)."),
+def vendor_cmd(recipe: Path = typer.Argument(..., help="The recipe (its lock must exist)."),
                dest: Path = typer.Argument(..., help="Folder to export the pinned .deb files to."),
-               set_: List[str] = typer.Option([], "--set", help="Template variable name=value (repeatable)."),
+               set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                offline: bool = typer.Option(False, "--offline", help="Only from the cache; no network."),
-               quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars.")):
+               lock_file: Optional[Path] = typer.Option(None, "--lock", help=LOCK_HELP),
+               quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display.")):
     """Export the files a lock pins, so the image can be rebuilt after the archive moves on."""
     from builder.build import BuildOptions, vendor
     from builder.recipe import parse_set
     try:
-        paths = vendor(recipe, dest, BuildOptions(overrides=parse_set(set_), offline=offline,
-                                                  progress=_progress(quiet)))
+        overrides = parse_set(set_)
+    except ArmvmError as err:
+        _usage(err)
+    try:
+        paths = vendor(recipe, dest, BuildOptions(overrides=overrides, offline=offline, lock=lock_file,
+                                                  progress=_progress(quiet)), on_warning=_warn)
     except ArmvmError as err:
         _fail(err, False)
     typer.echo(f"exported {len(paths)} file(s) to {dest}")

@@ -28,14 +28,19 @@ class Context:
     index_dir: Optional[Path] = None   # where kernel module indexes are cached
     hashes: Dict[Path, str] = field(default_factory=dict)   # sha256 of files already hashed
     direct: tuple = (None, None, "")   # (kernel, initrd, cmdline) for output.direct
+    progress: object = None            # builder.progress.BuildProgress (live display), or None
 
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
+        if self.progress is not None:
+            self.progress.enter(name)
         try:
             yield
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+            if self.progress is not None:
+                self.progress.leave(name)
 
     def record(self, role: str, origin: str, sha256: str, size: int, **extra) -> None:
         self.inputs.append({"role": role, "origin": origin, "sha256": sha256, "size": size, **extra})
@@ -137,6 +142,20 @@ def prepare_kernel(ctx: Context):
     return fetch_source(ctx, k.source, "kernel"), None
 
 
+VIRTIO_TRANSPORTS = ("virtio_pci", "virtio_mmio")
+
+
+def with_virtio_transports(kinfo, drivers) -> tuple:
+    """A virtio device driver (virtio_blk, virtio_net, 9pnet_virtio...) finds no device
+    without a transport: add virtio_pci and virtio_mmio in front when the kernel has them
+    as modules and the recipe did not list them (built-in transports need nothing)."""
+    names = [d.replace("-", "_") for d in drivers]
+    if not any("virtio" in n and n not in VIRTIO_TRANSPORTS for n in names):
+        return tuple(drivers)
+    extra = [t for t in VIRTIO_TRANSPORTS if t not in names and t in kinfo.modules]
+    return tuple(extra) + tuple(drivers)
+
+
 def prepare_initramfs(ctx: Context, kinfo) -> Path:
     from builder.initramfs import build_initramfs, find_busybox
     from builder.kernel import resolve_drivers
@@ -147,14 +166,15 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
                           allowed="kernel: {package: linux-image-...}")
     tree, _ = package_tree(ctx, spec_i.busybox, "busybox")
     busybox = find_busybox(tree)
-    modules = resolve_drivers(kinfo, spec_i.drivers)
+    modules = resolve_drivers(kinfo, with_virtio_transports(kinfo, spec_i.drivers))
     extra = [(e.dest, fetch_source(ctx, e.source, "initramfs.files")) for e in spec_i.files]
     template = spec_i.init.read_text() if spec_i.init else None
     out = ctx.work / "initrd.img"
     with ctx.stage("initramfs"):
         build_initramfs(out=out, kernel=kinfo, modules=modules, busybox=busybox, init_template=template,
                         payload=spec_i.payload, extra_files=extra, compression=spec_i.compression,
-                        mtime=ctx.timestamp, decompress_modules=spec_i.decompress_modules)
+                        mtime=ctx.timestamp, decompress_modules=spec_i.decompress_modules,
+                        init_template_file=spec_i.init)
     return out
 
 
@@ -171,7 +191,7 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
     from builder import bootloader as bl
     if b.type == "grub":
         template = b.config.read_text() if b.config else None
-        cfg = bl.render_grub_cfg(cmdline=cmdline, template=template)
+        cfg = bl.render_grub_cfg(cmdline=cmdline, template=template, template_file=b.config)
         tree, _ = package_tree(ctx, loader_package(ctx.recipe), "bootloader")
         if b.signed:
             return bl.find_signed_grub(tree, arch), cfg, "grub-signed"

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
-
 from builder import spec
 from builder.cpio import NewcArchive, clean_path, file_mode
 from builder.errors import ArmvmError
@@ -99,40 +96,33 @@ def check_busybox(path: Path, arch: spec.Arch | None = None) -> None:
 
 # --- /init ---------------------------------------------------------------------------------
 
-class _BoundedSandbox(SandboxedEnvironment):
-    """Sandbox that also refuses to build huge strings or numbers with '*' and '**'."""
-
-    intercepted_binops = frozenset(["*", "**"])
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "*":
-            for seq, count in ((left, right), (right, left)):
-                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(count, int) \
-                        and len(seq) * count > MAX_INIT_BYTES:
-                    raise ArmvmError(f"init template: result of '*' exceeds "
-                                     f"{MAX_INIT_BYTES} bytes")
-        if operator == "**" and isinstance(right, int) and right > 64:
-            raise ArmvmError("init template: exponent larger than 64")
-        return super().call_binop(context, operator, left, right)
+# Variables an /init template sees (README "Template variables" is generated from this).
+INIT_TEMPLATE_VARS = {
+    "modules": "Paths of the modules to insmod, in load order (dependencies first).",
+    "module_names": "Their names, in the same order.",
+    "payload": "The recipe's initramfs.payload text, or none.",
+    "payload_path": "Where the payload is stored in the initramfs (/etc/armvm/payload).",
+    "kernel_version": "The kernel's version (uname -r).",
+    "report_prefix": "Prefix of the runtime report lines (ARMVM-REPORT).",
+    "boot_marker": "The line `armvm-build boot` waits for (ARMVM-BOOT-COMPLETE).",
+    "load_list": "Path of the module load list in the initramfs (/etc/armvm/modules.load).",
+}
+INIT_TEMPLATE_FILTERS = {"shquote": "Quote a value for the POSIX shell."}
 
 
-def render_init(template: str, variables: dict) -> str:
-    env = _BoundedSandbox(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                          keep_trailing_newline=True, autoescape=False)
-    env.filters["shquote"] = lambda v: shlex.quote(str(v))
-    try:
-        parts, size = [], 0
-        for chunk in env.from_string(template).generate(**variables):
-            size += len(chunk)
-            if size > MAX_INIT_BYTES:
-                raise ArmvmError(f"init template renders to more than {MAX_INIT_BYTES} bytes")
-            parts.append(chunk)
-    except TemplateError as exc:
-        raise ArmvmError(f"init template: {type(exc).__name__}: {exc}") from None
-    text = "".join(parts)
+def render_init(template: str, variables: dict, *, template_file=None) -> str:
+    """Render /init in the bounded sandbox (builder.templating): trim_blocks and
+    lstrip_blocks on; errors name `template_file` and the line."""
+    from builder import templating
+    tspec = templating.TemplateSpec(
+        what="init template", max_bytes=MAX_INIT_BYTES,
+        env_options=dict(trim_blocks=True, lstrip_blocks=True),
+        filters={"shquote": lambda v: shlex.quote(str(v))},
+        allowed_names=sorted(INIT_TEMPLATE_VARS), field="initramfs.init" if template_file else None)
+    text = templating.render(template, variables, tspec, file=template_file or "(init template)").text
     if not text.startswith("#!"):
-        raise ArmvmError("init template must render to a script starting with '#!' "
-                         "(for example '#!/bin/sh')")
+        raise ArmvmError(f"{template_file or 'init template'}: the init template must render to a "
+                         "script starting with '#!' (for example '#!/bin/sh')")
     return text
 
 
@@ -276,7 +266,8 @@ class _Compressing:
 def build_initramfs(*, out: Path, kernel: KernelInfo, modules: Sequence[Module], busybox: Path,
                     init_template: str | None = None, payload: str | None = None,
                     extra_files: Sequence[tuple[str, Path]] = (), compression: str = "gzip",
-                    mtime: int, decompress_modules: bool = False) -> InitramfsInfo:
+                    mtime: int, decompress_modules: bool = False,
+                    init_template_file=None) -> InitramfsInfo:
     if compression not in COMPRESSIONS:
         raise ArmvmError(f"initramfs compression '{compression}' is not supported "
                          f"(allowed: {', '.join(COMPRESSIONS)})")
@@ -312,7 +303,9 @@ def build_initramfs(*, out: Path, kernel: KernelInfo, modules: Sequence[Module],
         load_list="/" + spec.INITRD_LOAD_LIST)
     if init_template is None:
         init_template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
-    arc.add_file("init", render_init(init_template, variables).encode(), 0o755)
+    assert set(variables) == set(INIT_TEMPLATE_VARS)
+    arc.add_file("init", render_init(init_template, variables,
+                                     template_file=init_template_file).encode(), 0o755)
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ must stay inside its folder; ESP destinations must be storable on FAT.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -116,26 +117,96 @@ class Recipe:
     output: OutputSpec
     digest: str                       # sha256 of the canonical validated recipe
     data: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    lines: Mapping[tuple, int] = field(repr=False, compare=False, default_factory=dict)
+    warnings: Tuple[str, ...] = field(compare=False, default=())
+
+    def line_of(self, dotted: Optional[str]) -> Optional[int]:
+        """The recipe line of a field named like 'disk.partitions[0].size' (or its parent)."""
+        if not dotted:
+            return None
+        path = tuple(int(p) if p.isdigit() else p
+                     for p in re.findall(r"[^.\[\]]+", dotted))
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
 
 
 
 
 # --- loading ------------------------------------------------------------------------
+MAX_VALUE_CHARS = 65536                  # one --set / ARMVM_VAR_ value
+
+
+class UsageError(ArmvmError):
+    """A malformed command-line argument (exit 2, like Click's own usage errors)."""
+
+    exit_code = 2
+
+
 def parse_set(items: Sequence[str]) -> dict:
-    """--set name=value pairs; integers become ints, everything else stays a string."""
+    """--set name=value pairs; integers become ints, everything else stays a string.
+    Names are case-sensitive (`--set Suite=x` does not set `suite`)."""
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise RecipeError("--set", f"{item!r} is not name=value", allowed="name=value with a Python-style name")
-        out[name] = int(value) if re.fullmatch(r"-?\d+", value) else value
+            raise UsageError(f"--set {item!r} is not name=value (allowed: name=value with a name of "
+                             "letters, digits and '_', not starting with a digit)")
+        if len(value) > MAX_VALUE_CHARS:
+            raise UsageError(f"--set {name}: the value is {len(value)} characters "
+                             f"(allowed: at most {MAX_VALUE_CHARS})")
+        out[name] = int(value) if re.fullmatch(r"-?\d{1,18}", value) else value
     return out
 
 
 def env_vars(environ: Mapping[str, str]) -> dict:
-    """Template variables from ARMVM_VAR_<name>; no other environment variable is visible."""
-    return {k[len(ENV_VAR_PREFIX):]: v for k, v in environ.items()
-            if k.startswith(ENV_VAR_PREFIX) and len(k) > len(ENV_VAR_PREFIX)}
+    """Template variables from ARMVM_VAR_<name>; no other environment variable is visible.
+    The name after the prefix is taken as is: ARMVM_VAR_FLAVOUR sets FLAVOUR, not flavour."""
+    out = {}
+    for k, v in environ.items():
+        if k.startswith(ENV_VAR_PREFIX) and len(k) > len(ENV_VAR_PREFIX):
+            if len(v) > MAX_VALUE_CHARS:
+                raise UsageError(f"{k}: the value is {len(v)} characters (allowed: at most {MAX_VALUE_CHARS})")
+            out[k[len(ENV_VAR_PREFIX):]] = v
+    return out
+
+
+def unused_variable_warnings(read: frozenset, env: Mapping[str, Any], overrides: Mapping[str, Any],
+                             known: Sequence[str]) -> Tuple[str, ...]:
+    """One warning per --set / ARMVM_VAR_ value the recipe never reads (typos build the
+    wrong image with exit 0 otherwise); suggests the name meant, ignoring case."""
+    import difflib
+    candidates = sorted(set(read) | set(known))
+    out = []
+    for origin, names in (("--set", overrides), ("env", env)):
+        for name in names:
+            if name in read:
+                continue
+            what = f"--set {name}=..." if origin == "--set" else f"{ENV_VAR_PREFIX}{name}"
+            text = f"{what}: the recipe never reads a variable named '{name}'; the value is unused"
+            same_case = [c for c in candidates if c.lower() == name.lower()]
+            close = same_case or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+            if close:
+                text += f" (did you mean '{close[0]}'? names are case-sensitive)"
+            elif candidates:
+                text += f" (the recipe reads: {', '.join(candidates)})"
+            out.append(text)
+    return tuple(out)
+
+
+def _looks_like_disk_image(path: Path, head: bytes) -> Optional[str]:
+    if len(head) >= 512 and head[510:512] == b"\x55\xaa":
+        kind = "a disk image (MBR/GPT boot signature at byte 510)"
+        if head[512:520] == b"EFI PART" or head[4096:4104] == b"EFI PART":
+            kind = "a disk image (GPT)"
+        return kind
+    if head[:4] == b"QFI\xfb":
+        return "a qcow2 disk image"
+    if b"\0" in head[:4096]:
+        return "a binary file"
+    return None
 
 
 def load_recipe(path, *, overrides: Optional[Mapping[str, Any]] = None,
@@ -149,21 +220,37 @@ def load_recipe(path, *, overrides: Optional[Mapping[str, Any]] = None,
         raise RecipeError(path, "is a directory, not a recipe file")
     except OSError as exc:
         raise RecipeError(path, f"cannot read the recipe: {exc.strerror}")
+    kind = _looks_like_disk_image(path, raw[:8192])
+    if kind:
+        from builder.errors import NotAnImageError
+        raise NotAnImageError(f"{path} is {kind}, not a recipe (a YAML text file); "
+                              f"to check an image run `armvm-build verify {path}`")
     if len(raw) > rv.MAX_RECIPE_BYTES:
         raise RecipeError(path, f"recipe is larger than {rv.MAX_RECIPE_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(path, f"recipe is not UTF-8 (byte {exc.start})")
-    variables = dict(rv._extract_vars_block(text, path))
-    variables.update(env_vars(os.environ if environ is None else environ))
+    declared = rv._extract_vars_block(text, path)
+    env = env_vars(os.environ if environ is None else environ)
+    variables = dict(declared)
+    variables.update(env)
     variables.update(overrides or {})
-    rendered = rv.render(text, variables, path)
-    data, lines = rv.parse_yaml(rendered, path)
-    if not isinstance(data, dict):
-        raise RecipeError(path, "the recipe must be a YAML mapping", line=1, allowed="name, arch, disk, ...")
-    rv.validate(data, lines, path)
-    return _to_recipe(path, data, lines)
+    rendered, names_read, substitute = rv.render(text, variables, path)
+    try:
+        data, lines = rv.parse_yaml(rendered, path, substitute)
+        if not isinstance(data, dict):
+            raise RecipeError(path, "the recipe must be a YAML mapping", line=1, allowed="name, arch, disk, ...")
+        rv.validate(data, lines, path)
+        recipe = _to_recipe(path, data, lines)
+    except RecipeError as exc:
+        if exc.line and rendered.count("\n") != text.count("\n"):
+            raise RecipeError(path, rv.bare_message(exc) + f" [line {exc.line} of the rendered recipe: "
+                              "its template adds or removes lines]", line=exc.line, field=exc.field,
+                              allowed=exc.allowed) from None
+        raise
+    warnings = unused_variable_warnings(names_read, env, overrides or {}, list(declared))
+    return dataclasses.replace(recipe, warnings=warnings)
 
 
 def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
@@ -250,14 +337,14 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
     return Recipe(path=path, name=data["name"], arch=data["arch"],
                   source_date_epoch=data.get("source_date_epoch"), seed=data.get("seed"),
                   debian=debian, kernel=kernel, initramfs=initramfs, bootloader=bootloader,
-                  disk=disk, output=output, digest=digest, data=data)
+                  disk=disk, output=output, digest=digest, data=data, lines=lines)
 
 
 def check_dest(dest: str, file, line, fname, *, fat: bool = True) -> str:
     """A destination path: relative, no '..'; on the ESP (fat=True) every component must be
     storable on FAT, by the FAT writer's own rule (builder.disk.fatnames.check_name)."""
     allowed = "a relative path like EFI/BOOT/grub.cfg, without '..'"
-    if dest.startswith("/") or dest.startswith("\\") or re.match(r"^[A-Za-z]:", dest):
+    if dest.startswith("/") or dest.startswith("\\") or re.match(r"^[A-Za-z]:[\\/]", dest):
         raise RecipeError(file, f"{dest!r} is an absolute path", line=line, field=fname, allowed=allowed)
     parts = PurePosixPath(dest).parts
     if not parts:
@@ -266,7 +353,14 @@ def check_dest(dest: str, file, line, fname, *, fat: bool = True) -> str:
         if part in (".", ".."):
             raise RecipeError(file, f"{dest!r} contains '{part}'", line=line, field=fname, allowed=allowed)
         if fat:
-            from builder.disk.fatnames import check_name
+            from builder.disk.fatnames import ALLOWED_TEXT, FORBIDDEN_CHARS, check_name
+            bad = sorted({c for c in part if c in FORBIDDEN_CHARS or ord(c) < 0x20})
+            if bad:
+                shown = " ".join(repr(c) for c in bad)
+                raise RecipeError(file, f"FAT cannot store the name {part!r}: "
+                                  f"{'the characters' if len(bad) > 1 else 'the character'} {shown} "
+                                  f"{'are' if len(bad) > 1 else 'is'} not allowed in a FAT name",
+                                  line=line, field=fname, allowed=ALLOWED_TEXT)
             try:
                 check_name(part)
             except ArmvmError as exc:

@@ -118,7 +118,8 @@ SCHEMA = {
             "type": "object", "additionalProperties": False, "required": ["size", "partitions"],
             "description": "The raw disk.",
             "properties": {
-                "size": {"type": "string", "x-kind": "size", "description": "Disk size, e.g. 512MiB."},
+                "size": {"type": "string", "x-kind": "size",
+                         "description": "Disk size, e.g. 512MiB (M = MiB; MB = 10^6 bytes; at most 16 TiB)."},
                 "sector_size": {"type": "integer", "enum": [512, 4096], "default": 512,
                                 "description": "Logical sector size."},
                 "partitions": {

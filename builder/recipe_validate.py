@@ -13,11 +13,11 @@ from builder.recipe_schema import SCHEMA, MAX_DISK_BYTES
 
 MAX_RECIPE_BYTES = 1024 * 1024           # recipe text, before and after rendering
 MAX_YAML_NODES = 200_000                 # bounds alias expansion ("billion laughs")
-RENDER_SECONDS = 5
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024 ** 2, "mib": 1024 ** 2,
           "g": 1024 ** 3, "gib": 1024 ** 3, "t": 1024 ** 4, "tib": 1024 ** 4,
           "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4}
-SIZE_ALLOWED = "a number of bytes or a number with KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+SIZE_ALLOWED = ("a number of bytes, or a number with KiB, MiB, GiB, TiB (K, M, G, T mean the same "
+                "binary units: 64M is 64 MiB) or KB, MB, GB, TB (powers of 1000)")
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -32,8 +32,12 @@ def parse_size(text: Any, *, file=None, line=None, field_name=None) -> int:
         if not m or unit is None:
             raise RecipeError(file, f"cannot parse size {text!r}", line=line, field=field_name, allowed=SIZE_ALLOWED)
         value = int(float(m.group(1)) * unit) if "." in m.group(1) else int(m.group(1)) * unit
-    if value <= 0 or value > MAX_DISK_BYTES:
-        raise RecipeError(file, f"size {text!r} is out of range", line=line, field=field_name,
+    if value > MAX_DISK_BYTES:
+        raise RecipeError(file, f"size {text!r} is {value} bytes, more than the maximum "
+                          f"{MAX_DISK_BYTES // 1024 ** 4} TiB ({MAX_DISK_BYTES} bytes)", line=line,
+                          field=field_name, allowed=f"1 byte to {MAX_DISK_BYTES // 1024 ** 4} TiB")
+    if value <= 0:
+        raise RecipeError(file, f"size {text!r} is not positive", line=line, field=field_name,
                           allowed=f"1 byte to {MAX_DISK_BYTES // 1024 ** 4} TiB")
     return value
 
@@ -66,89 +70,89 @@ def _extract_vars_block(text: str, file) -> dict:
     return {}
 
 
+def _yaml_error_line(exc, text: str):
+    """(line, message) for a YAML syntax error. An unclosed quote or bracket is reported
+    where it was opened (PyYAML's problem mark is then often past the end of the file)."""
+    last = text.count("\n") + (0 if text.endswith("\n") else 1)
+    problem = getattr(exc, "problem_mark", None)
+    context, cmark = getattr(exc, "context", None) or "", getattr(exc, "context_mark", None)
+    pline = min(problem.line + 1, max(last, 1)) if problem else None
+    message = _yaml_problem(exc)
+    if cmark is not None and ("quoted" in context or "flow" in context):
+        cline = cmark.line + 1
+        what = re.sub(r"^while (scanning|parsing) ", "", context)
+        return cline, f"{what} opened on this line is not closed properly ({message} at line {pline})"
+    return pline, message
+
+
 def _yaml_problem(exc) -> str:
     return getattr(exc, "problem", None) or str(exc).splitlines()[0]
 
 
-def render(text: str, variables: Mapping[str, Any], file) -> str:
-    """Render the recipe text with Jinja2 in a sandbox; undefined variables are errors.
+class ScalarSlots:
+    """Jinja2 `finalize` hook for the recipe: a `{{ ... }}` whose value is text other than one
+    plain word (letters, digits, `_ . + / -`) is written as a placeholder token and put back
+    into its scalar after YAML parsing. A value from --set or ARMVM_VAR_ (a newline, `: `,
+    `]`, a quote...) can therefore never add keys or items: it is always text inside the
+    scalar it stands in. Plain words go in as is, so `512MiB`, `4096` and `true` keep their
+    YAML meaning."""
+
+    PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+/-]*\Z")
+
+    def __init__(self):
+        import secrets
+        self.prefix = "armvmvar" + secrets.token_hex(8) + "n"
+        self.table: dict = {}
+
+    def __call__(self, value):
+        if isinstance(value, str) and not self.PLAIN.match(value):
+            token = f"{self.prefix}{len(self.table)}x"
+            self.table[token] = str(value)
+            return token
+        return value
+
+    def rendered_size(self, text: str) -> int:
+        return len(text) + sum(len(v) - len(k) for k, v in self.table.items())
+
+
+class _Substitute:
+    def __init__(self, prefix: str, table: Mapping[str, str]):
+        self.table = table
+        self.pattern = re.compile(re.escape(prefix) + r"\d+x") if table else None
+
+    def __call__(self, value):
+        if self.pattern is None or not isinstance(value, str):
+            return value
+        return self.pattern.sub(lambda m: self.table.get(m.group(0), m.group(0)), value)
+
+
+def render(text: str, variables: Mapping[str, Any], file):
+    """Render the recipe text with Jinja2 in the bounded sandbox (builder.templating);
+    undefined variables are errors. Returns (text, names the template reads, substitute)
+    where substitute puts the values held back by ScalarSlots into parsed scalars.
     Text without template syntax is returned as is (and Jinja2 is not even imported)."""
     if "{{" not in text and "{%" not in text and "{#" not in text:
-        return text
-    import jinja2
-    from jinja2.sandbox import SandboxedEnvironment
-    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                               autoescape=False)
-    try:
-        template = env.from_string(text)
-    except jinja2.TemplateSyntaxError as exc:
-        raise RecipeError(file, f"template syntax error: {exc.message}", line=exc.lineno)
-    out, size = [], 0
-    try:
-        with _time_limit(RENDER_SECONDS, file):
-            for chunk in template.generate(**variables):
-                size += len(chunk)
-                if size > MAX_RECIPE_BYTES:
-                    raise RecipeError(file, f"rendered recipe is larger than {MAX_RECIPE_BYTES} bytes",
-                                      allowed="templates that render to at most 1 MiB")
-                out.append(chunk)
-    except jinja2.UndefinedError as exc:
-        raise RecipeError(file, f"template error: {exc.message}", line=_template_line(exc),
-                          allowed="variables from vars:, ARMVM_VAR_<name> or --set name=value")
-    except jinja2.exceptions.SecurityError as exc:
-        raise RecipeError(file, f"template refused by the sandbox: {exc}", line=_template_line(exc))
-    except jinja2.TemplateError as exc:
-        raise RecipeError(file, f"template error: {exc}", line=_template_line(exc))
-    except (TypeError, ValueError, ArithmeticError, OverflowError, MemoryError) as exc:
-        raise RecipeError(file, f"template error: {exc}", line=_template_line(exc))
-    return "".join(out)
+        return text, frozenset(), _Substitute("", {})
+    from builder import templating
+    slots = ScalarSlots()
+    spec = templating.TemplateSpec(
+        what="recipe template", max_bytes=MAX_RECIPE_BYTES,
+        allowed_names=sorted(variables))
+    result = templating.render(text, variables, spec, file=file, finalize=slots)
+    return result.text, result.names_read, _Substitute(slots.prefix, result.extra or {})
 
 
-def _template_line(exc) -> Optional[int]:
-    tb = exc.__traceback__
-    line = None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<template>":
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line
-
-
-class _time_limit:
-    """Bound template rendering time with SIGALRM where available (main thread only)."""
-
-    def __init__(self, seconds, file):
-        self.seconds, self.file, self.armed = seconds, file, False
-
-    def __enter__(self):
-        import signal
-        import threading
-        if hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread():
-            def _expired(signum, frame):
-                raise RecipeError(self.file, f"template rendering took longer than {self.seconds} s",
-                                  allowed="templates that render quickly")
-            self.old = signal.signal(signal.SIGALRM, _expired)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
-            self.armed = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.armed:
-            import signal
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.old)
-        return False
-
-
-def parse_yaml(text: str, file) -> Tuple[Any, dict]:
-    """YAML -> (data, lines) where lines maps a field path tuple to its 1-based line."""
+def parse_yaml(text: str, file, substitute=None) -> Tuple[Any, dict]:
+    """YAML -> (data, lines) where lines maps a field path tuple to its 1-based line.
+    `substitute` (from render) puts template values back into scalars and keys."""
+    sub = substitute or (lambda v: v)
     import yaml
     from yaml.nodes import MappingNode, ScalarNode, SequenceNode
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(file, f"malformed YAML: {_yaml_problem(exc)}", line=mark.line + 1 if mark else None)
+        line, message = _yaml_error_line(exc, text)
+        raise RecipeError(file, f"malformed YAML: {message}", line=line)
     if root is None:
         raise RecipeError(file, "the recipe is empty", allowed="a YAML mapping with name, arch and disk")
     constructor = yaml.SafeLoader("")
@@ -167,7 +171,7 @@ def parse_yaml(text: str, file) -> Tuple[Any, dict]:
                 if not isinstance(knode, ScalarNode):
                     raise RecipeError(file, "mapping keys must be plain names (an unquoted '{{' in a value?)",
                                       line=knode.start_mark.line + 1, field=_dotted(path) or None)
-                key = str(constructor.construct_object(knode))
+                key = str(sub(constructor.construct_object(knode)))
                 if key in out:
                     raise RecipeError(file, f"duplicate key '{key}'", line=knode.start_mark.line + 1,
                                       field=_dotted(path + (key,)))
@@ -176,10 +180,23 @@ def parse_yaml(text: str, file) -> Tuple[Any, dict]:
         if isinstance(node, SequenceNode):
             return [build(item, path + (i,)) for i, item in enumerate(node.value)]
         try:
-            return constructor.construct_object(node)
+            return sub(constructor.construct_object(node))
         except yaml.YAMLError as exc:
             raise RecipeError(file, f"bad value: {_yaml_problem(exc)}", line=lines[path], field=_dotted(path))
     return build(root, ()), lines
+
+
+def bare_message(exc: RecipeError) -> str:
+    """The bare message of a RecipeError (without its file/field prefix and allowed suffix)."""
+    text = str(exc)
+    prefix = f"{exc.file}" + (f":{exc.line}" if exc.line else "") + ": " + \
+        (f"field '{exc.field}': " if exc.field else "")
+    suffix = f" (allowed: {exc.allowed})" if exc.allowed else ""
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    if suffix and text.endswith(suffix):
+        text = text[:-len(suffix)]
+    return text
 
 
 def _dotted(path) -> str:

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from builder.errors import RecipeError
+from builder.errors import ArmvmError, RecipeError
 from builder.recipe import load_recipe, parse_set
 from builder.recipe_validate import parse_size
 
@@ -75,7 +75,7 @@ def test_digest_independent_of_folder_and_vars_spelling(tmp_path):
 
 
 @pytest.mark.parametrize("text, expect", [
-    ("name: [demo\n", ["malformed YAML", ":2"]),
+    ("name: [demo\n", ["malformed YAML", ":1:", "flow sequence opened on this line"]),
     (GOOD + "colour: blue\n", ["unknown field 'colour'", ":15", "allowed: name, arch"]),
     (GOOD.replace("arch: aarch64\n", ""), ["missing required field 'arch'"]),
     (GOOD.replace("sector_size: 512", "sector_size: big"), ["disk.sector_size", "expected an integer", ":8"]),
@@ -105,8 +105,8 @@ def test_bad_recipes_name_file_line_field(tmp_path, text, expect):
 
 
 def test_template_output_size_is_capped(tmp_path):
-    err = error_of(tmp_path, "name: \"{{ 'a' * 2000000 }}\"\n")
-    assert "larger than" in str(err)
+    err = error_of(tmp_path, "name: \"{% for i in range(3000) %}{{ 'a' * 1000 }}{% endfor %}\"\n")
+    assert "renders to more than 1048576 bytes" in str(err)
 
 
 def test_template_cannot_reach_python_internals(tmp_path):
@@ -115,9 +115,9 @@ def test_template_cannot_reach_python_internals(tmp_path):
 
 
 def test_template_endless_loop_is_stopped(tmp_path, monkeypatch):
-    from builder import recipe_validate
-    monkeypatch.setattr(recipe_validate, "RENDER_SECONDS", 0.5)
-    text = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}name: demo\n"
+    from builder import templating
+    monkeypatch.setattr(templating, "TEMPLATE_SECONDS", 0.5)
+    text = "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}name: demo\n"
     with pytest.raises(RecipeError) as info:
         load_recipe(write(tmp_path, text), environ={})
     assert "took longer" in str(info.value)
@@ -144,9 +144,9 @@ def test_parse_size_rejects(text):
 
 
 def test_set_requires_name_value():
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ArmvmError) as info:
         parse_set(["novalue"])
-    assert "name=value" in str(info.value)
+    assert "name=value" in str(info.value) and info.value.exit_code == 2
 
 
 def test_schema_is_json_and_documents_every_field():
@@ -160,3 +160,11 @@ def test_schema_is_json_and_documents_every_field():
             walk(node["items"], path + "[]")
     walk(SCHEMA, "")
     json.dumps(SCHEMA)
+
+
+def test_error_line_in_a_template_that_changes_the_line_count_says_so(tmp_path):
+    text = "name: demo\narch: aarch64\n{% for i in range(3) %}\nx{{ i }}: 1\n{% endfor %}\n"
+    err = str(error_of(tmp_path, text))
+    assert "r.yaml:4:" in err and "unknown field 'x0'" in err and "line 4 of the rendered recipe" in err
+    err = str(error_of(tmp_path, "name: demo\narch: aarch64\ncolour: {{ 'blue' }}\n"))
+    assert "r.yaml:3:" in err and "rendered" not in err

@@ -301,7 +301,7 @@ class DebianArchive:
             if self.lock is not None:
                 return locked_urls(self.lock, pkg.filename, self.mirror)
             return [f"{self.mirror}/{pkg.filename}"]
-        hint = ("export it where it is cached with `armvm-build vendor DIR` and build with "
+        hint = ("export it where it is cached with `armvm-build vendor RECIPE DIR` and build with "
                 "`--vendor DIR`")
         if self.lock is not None and self.lock.snapshot_mirror and self.offline:
             hint += f", or build online to use the lock's snapshot_mirror " \
