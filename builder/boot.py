@@ -471,7 +471,9 @@ def _verdict(w: ConsoleWatcher, o: _Outcome, timeout: float,
     goal = "login prompt" if until_login else "marker"
     got = "login" if until_login else "marker"
     seen = f"{goal} seen" if got in w.events else f"{goal} not seen"
-    last = max(w.events, key=w.events.get) if w.events else "no console output"
+    # the latest milestone; of several seen at once, the one recorded last
+    last = max(enumerate(w.events), key=lambda ie: (w.events[ie[1]], ie[0]))[1] \
+        if w.events else "no console output"
     units = f"; failed units: {', '.join(w.failed_units)}" if w.failed_units else ""
     if o.killed_for is not None:
         return False, o.killed_for + units
