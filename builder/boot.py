@@ -320,10 +320,16 @@ def boot_tempdir():
     """A private folder for one boot, locked (flock) while the boot runs. Folders of
     earlier runs whose lock is free (their process was killed) are removed first."""
     clear_stale_tempdirs()
-    path = tempfile.mkdtemp(prefix=TMP_PREFIX)
-    fd = os.open(os.path.join(path, ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    # Made and locked under a name the cleaner ignores, then renamed: a concurrent boot's
+    # cleaner never sees it unlocked.
+    new = tempfile.mkdtemp(prefix="." + TMP_PREFIX)
+    fd = os.open(os.path.join(new, ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    path = new
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        target = os.path.join(os.path.dirname(new), os.path.basename(new)[1:])
+        os.rename(new, target)
+        path = target
         yield Path(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -380,9 +386,14 @@ class _Outcome:
 
 
 def _run(cmd: list[str], watcher: ConsoleWatcher, timeout: float, *,
-         qmp: Path | None = None, poweroff_wait: float = POWEROFF_WAIT) -> _Outcome:
+         qmp: Path | None = None, poweroff_wait: float = POWEROFF_WAIT,
+         cancel: threading.Event | None = None) -> _Outcome:
     """Run QEMU with piped console; with `qmp`, send system_powerdown once a login prompt
-    was seen and give the guest `poweroff_wait` seconds to power off."""
+    was seen and give the guest `poweroff_wait` seconds to power off. `cancel` set (from
+    another thread) stops the boot like Ctrl-C does.
+
+    PR_SET_PDEATHSIG fires when the *thread* that started QEMU ends; QEMU never outlives
+    this call, so a worker thread running several boots is fine."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True,
@@ -398,6 +409,8 @@ def _run(cmd: list[str], watcher: ConsoleWatcher, timeout: float, *,
             sel.register(stream, selectors.EVENT_READ)
         while sel.get_map():
             now = time.monotonic() - start
+            if cancel is not None and cancel.is_set():
+                raise _Interrupted("cancelled")
             if requested is not None and now - requested >= poweroff_wait:
                 out.killed_for = (f"the guest did not power off within {poweroff_wait:g} s of "
                                   "the power-button request (QMP system_powerdown)")
@@ -528,7 +541,8 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                on_event: Callable[[str, float], None] | None = None,
                kvm: bool | None = None, until_login: bool = False,
                poweroff_wait: float = POWEROFF_WAIT,
-               log_path: Path | None = None) -> BootResult:
+               log_path: Path | None = None,
+               cancel: threading.Event | None = None) -> BootResult:
     """Boot `image` (attached read-only-safe with snapshot=on) and report what happened.
 
     arch 'auto' reads the loader name (BOOTAA64.EFI / BOOTARM.EFI) from the image's ESP;
@@ -538,6 +552,7 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
     detect.  Interactive: serial on this terminal, no timeout or marker (Ctrl-A x quits).
     until_login: wait for a getty prompt instead of the marker, then ask for power-off.
     log_path: the console log is always written there (also on failure or Ctrl-C).
+    cancel: an Event another thread sets to stop this boot (raises KeyboardInterrupt).
     """
     if not timeout > 0:
         raise ArmvmError(f"boot timeout {timeout!r} must be a positive number of seconds")
@@ -584,7 +599,8 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                                  firmware=direct is None, login=until_login)
         log_error = None
         try:
-            out = _run(cmd, watcher, float(timeout), qmp=qmp, poweroff_wait=poweroff_wait)
+            out = _run(cmd, watcher, float(timeout), qmp=qmp, poweroff_wait=poweroff_wait,
+                       cancel=cancel)
         finally:
             if log_path is not None:
                 try:

@@ -7,6 +7,7 @@ AArch32: GICv2 and GICv3, device tree (AAVMF32 has no ACPI).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -58,7 +59,7 @@ def check_arch(image: Path, arch: str) -> None:
 
 
 def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, verbose, log_dir,
-         log_stem) -> tuple:
+         log_stem, cancel=None) -> tuple:
     from builder.boot import boot_image
     from builder.verify.runtime import parse_runtime_report, runtime_checks
     task = progress.boot(sc.name) if progress is not None else None
@@ -68,7 +69,8 @@ def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, ve
         res = boot_image(image, arch=arch, timeout=timeout, gic=sc.gic,
                          acpi=sc.acpi if arch == "aarch64" else None, extra_virtio=sc.balloon,
                          qemu_args=qemu_args, on_line=lambda ln: [f(ln) for f in lines],
-                         on_event=task.on_event if task else None, log_path=log)
+                         on_event=task.on_event if task else None, log_path=log,
+                         cancel=cancel)
     finally:
         if task is not None:
             task.done()
@@ -116,12 +118,17 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
     scs = scenarios(arch)
     if concurrent is None:
         concurrent = can_run_concurrently(len(scs))
-    args = (arch, timeout, qemu_args, progress, verbose, log_dir, log_stem)
+    cancel = threading.Event()
+    args = (arch, timeout, qemu_args, progress, verbose, log_dir, log_stem, cancel)
     with signals_as_interrupt():
         if concurrent:
             from concurrent.futures import ThreadPoolExecutor
             with ThreadPoolExecutor(len(scs)) as pool:
-                done = list(pool.map(lambda sc: _one(image, sc, *args), scs))
+                try:
+                    done = list(pool.map(lambda sc: _one(image, sc, *args), scs))
+                except BaseException:
+                    cancel.set()          # Ctrl-C / SIGTERM: stop the other boots too
+                    raise
         else:
             done = [_one(image, sc, *args) for sc in scs]
     results = [r for r, _ in done]

@@ -82,6 +82,8 @@ def main(plan_file: str, record_dir: str) -> None:
     rec = Path(record_dir)
     (rec / "args").write_text("\n".join(args) + "\n")
     (rec / "pid").write_text(str(os.getpid()))
+    with open(rec / "pids", "a") as f:
+        f.write(f"{os.getpid()}\n")
     plan = json.loads(Path(plan_file).read_text())
     qmp_path = None
     if "-qmp" in args:

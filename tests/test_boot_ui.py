@@ -367,3 +367,28 @@ def test_stale_cleanup_leaves_live_folders_alone(fq):
         assert boot.clear_stale_tempdirs(str(fq.tmp)) == [str(old)]
         assert mine.is_dir()
     assert not mine.exists()
+
+
+def test_concurrent_checks_match_sequential(fq):
+    from builder import bootcheck
+    fq(OK_PLAN)
+    seq = bootcheck.run_checks(fq.image, arch="aarch64", timeout=60, concurrent=False)
+    par = bootcheck.run_checks(fq.image, arch="aarch64", timeout=60, concurrent=True)
+    assert par["concurrent"] and not seq["concurrent"]
+    assert [s["scenario"] for s in par["scenarios"]] == ["gicv2-acpi", "gicv3-dt"]
+    assert [(c.id, c.result) for c in par["checks"]] == [(c.id, c.result) for c in seq["checks"]]
+    assert len((fq.rec / "pids").read_text().split()) == 4
+
+
+def test_sigterm_stops_concurrent_checks(fq):
+    import threading
+    from builder import bootcheck
+    fq([{"out": FIRMWARE}, {"sleep": 300}])
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        bootcheck.run_checks(fq.image, arch="aarch64", timeout=120, concurrent=True)
+    assert time.monotonic() - t0 < 60                   # not the 120 s timeout
+    pids = [int(p) for p in (fq.rec / "pids").read_text().split()]
+    assert len(pids) == 2 and all(_wait_gone(p) for p in pids)
+    assert _boot_dirs(fq) == []
