@@ -98,7 +98,7 @@ def facts_rows(facts) -> list:
         return "?" if v is None else (yes if v else no)
     rows = [("kernel", f"{facts.kernel or '?'} ({facts.machine or '?'})"),
             ("EFI", yn(facts.efi, "yes (/sys/firmware/efi)", "no")),
-            ("description", "ACPI" if facts.acpi else "device tree"
+            ("ACPI/DT", "ACPI" if facts.acpi else "device tree"
              if facts.devicetree or (facts.fdt and facts.acpi is False) else "?"),
             ("GIC", f"v{facts.gic}" if facts.gic in ("2", "3") else (facts.gic or "?")),
             ("RTC", ", ".join(facts.rtc) or "none"),

@@ -193,7 +193,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
     except ArmvmError as err:
         _fail(err, as_json)
     except KeyboardInterrupt:           # Ctrl-C, SIGTERM, SIGHUP (builder.boot)
-        typer.echo(f"armvm-build: interrupted; QEMU stopped, console log kept at {log_path}", err=True)
+        kept = f"console logs kept in {log_path.parent}" if checks else f"console log kept at {log_path}"
+        typer.echo(f"armvm-build: interrupted; QEMU stopped, {kept}", err=True)
         raise typer.Exit(130)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=2))

@@ -85,7 +85,7 @@ def test_success_shows_what_the_guest_saw(fq, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = dict(ln.split(None, 1) for ln in r.stdout.splitlines() if ln.startswith("  "))
     assert rows["kernel"] == "6.12.117+deb13-cloud-arm64 (aarch64)"
-    assert rows["EFI"].startswith("yes") and rows["description"] == "ACPI"
+    assert rows["EFI"].startswith("yes") and rows["ACPI/DT"] == "ACPI"
     assert rows["GIC"] == "v3" and rows["RTC"] == "rtc-efi"
     assert rows["console"] == "ttyAMA0 (sbsa-uart)"
     assert "virtio1: block over pci, driver virtio_blk" in r.stdout

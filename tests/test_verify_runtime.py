@@ -144,11 +144,11 @@ def test_devicetree_flag_and_the_readable_table():
     f = parse_runtime_report(TRANSCRIPT)
     assert f.devicetree is None                      # the transcript has no such line
     rows = dict(facts_rows(f))
-    assert rows["description"] == "ACPI" and rows["GIC"] == "v3"
+    assert rows["ACPI/DT"] == "ACPI" and rows["GIC"] == "v3"
     dt = parse_runtime_report(TRANSCRIPT.replace("acpi=1", "acpi=0")
                               + "ARMVM-REPORT devicetree=1\r\n")
     assert dt.devicetree is True
     rows = facts_rows(dt)
-    assert dict(rows)["description"] == "device tree"
+    assert dict(rows)["ACPI/DT"] == "device tree"
     assert [v for k, v in rows if k == "virtio"][:2] == [
         "virtio0: block over pci, driver virtio_blk", "virtio1: net over pci, driver virtio_net"]
