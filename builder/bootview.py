@@ -147,7 +147,7 @@ def failure_text(res, *, until_login: bool = False) -> str:
 
 
 def _login_rx() -> str:
-    from builder.boot import LOGIN_PROMPT
+    from builder.console import LOGIN_PROMPT
     return LOGIN_PROMPT.pattern
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import boot, spec
-from builder.boot import ConsoleWatcher, boot_image
+from builder import boot
+from builder.boot import boot_image
+from builder.console import ConsoleWatcher
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fakeqemu  # noqa: E402
