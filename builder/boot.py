@@ -365,8 +365,9 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                 raise
     if arch == "auto":
         if info is None or info.arch is None:
-            raise ArmvmError(f"{image}: cannot tell the architecture (no \\EFI\\BOOT\\"
-                             f"BOOTAA64.EFI or BOOTARM.EFI on its ESP); give the architecture")
+            raise NotAnImageError(f"{image}: cannot tell the architecture (no \\EFI\\BOOT\\"
+                                  f"BOOTAA64.EFI or BOOTARM.EFI on its ESP); pass --arch "
+                                  f"aarch64 or --arch armv7")
         arch = info.arch
     a = arch_of(arch)
     if info is not None and info.arch is not None and info.arch != a.name and direct is None:

@@ -160,11 +160,11 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
     try:
         if not image.is_file():
             raise NotAnImageError(f"{image}: no such image file")
-        if arch == "auto":
-            arch = bootcheck.detect_arch(image)
-        else:
-            bootcheck.check_arch(image, arch)
         if checks:
+            if arch == "auto":
+                arch = bootcheck.detect_arch(image)
+            else:
+                bootcheck.check_arch(image, arch)      # before booting anything
             with live:
                 out = bootcheck.run_checks(image, arch=arch, timeout=timeout, qemu_args=qemu_arg,
                                            progress=live, verbose=verbose,

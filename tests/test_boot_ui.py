@@ -393,3 +393,9 @@ def test_sigterm_stops_concurrent_checks(fq):
     pids = [int(p) for p in (fq.rec / "pids").read_text().split()]
     assert len(pids) == 2 and all(_wait_gone(p) for p in pids)
     assert _boot_dirs(fq) == []
+
+
+def test_arch_mismatch_is_refused_before_the_checks_boot(fq):
+    r = cli(fq.image, "--arch", "armv7", "--checks", env=fq(OK_PLAN))
+    assert r.returncode == 3 and "its loader is for aarch64" in r.stderr
+    assert not (fq.rec / "args").exists()
