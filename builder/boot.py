@@ -1,14 +1,23 @@
 """Boot an image under QEMU + AAVMF and watch its serial console.
 
 ok only when the expected marker (default spec.BOOT_MARKER) was seen AND QEMU exited by
-itself (the guest powered off) before the timeout.  Milestones are seconds since QEMU
-started: firmware (first output), loader (the firmware starts the removable-path loader),
-stub (the kernel's EFI stub runs), kernel (first kernel log line), init (the kernel runs
-/init, or the first ARMVM-REPORT line), marker, poweroff (QEMU exited by itself).
+itself (the guest powered off) before the timeout.  With until_login, ok when a getty
+`login:` prompt came, the guest powered off within POWEROFF_WAIT s of a QMP
+`system_powerdown` (the ACPI power button / the GPIO power key) and no systemd unit failed.
+Milestones are seconds since QEMU started: firmware (first output), loader (the firmware
+starts the removable-path loader), stub (the kernel's EFI stub runs), kernel (first kernel
+log line), init (the kernel runs /init, or the first ARMVM-REPORT line), marker, login,
+powerdown (the request was sent), poweroff (QEMU exited by itself).
+
+QEMU runs in its own session and dies with this process (PR_SET_PDEATHSIG); SIGTERM and
+SIGHUP are handled like Ctrl-C; the per-boot temp folder (variable store copy, QMP socket)
+is removed at the end and folders left by a killed earlier run are cleared.
 """
 from __future__ import annotations
 
-import codecs
+import contextlib
+import errno
+import fcntl
 import os
 import re
 import selectors
@@ -16,52 +25,24 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from . import spec
+from .console import GRUB_QUERY, ConsoleWatcher
 from .errors import ArmvmError, NotAnImageError
-from .qemu import arch_of, find_firmware, find_qemu, kvm_usable, probe_image, qemu_command
+from .qemu import (arch_of, die_with_parent_hook, find_firmware, find_qemu, kvm_usable,
+                   probe_image, qemu_command, qmp_powerdown)
 
-MAX_CONSOLE_CHARS = 16 * 1024 * 1024   # keep at most this much console text
-MAX_LINE_CHARS = 64 * 1024             # an unterminated line is cut here
 PANIC_GRACE = 2.0                      # seconds to collect the rest of a panic message
 KILL_GRACE = 5.0
-
-# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), other ESC sequences (ESC [intermediates]
-# final: charset selection, ESC 7/8, ESC c ...), single-byte C1 CSI, then stray controls.
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"
-                   r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]|\x1b")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-# (event, regex) in the order the milestones normally appear; each is recorded once.
-MILESTONES = (
-    ("loader", re.compile(r"BdsDxe: starting |Welcome to GRUB|Booting `|systemd-stub")),
-    ("stub", re.compile(r"EFI stub: ")),
-    ("kernel", re.compile(r"^\[\s*\d+\.\d+\]|Booting Linux on physical CPU")),
-    ("init", re.compile(r"Run \S+ as init process|^" + re.escape(spec.REPORT_PREFIX))),
-)
-# Lines after which the boot cannot succeed: stop at once instead of waiting for the timeout.
-FATAL = (
-    (re.compile(r"Kernel panic - not syncing"), "kernel panic"),
-    (re.compile(r"Press any key to continue\.\.\."), "GRUB failed to boot the entry"),
-    (re.compile(r"UEFI Interactive Shell|No bootable option or device was found"
-                r"|>>Start (PXE|HTTP Boot) over"),
-     "the firmware found no bootable loader on the disk"),
-    (re.compile(r"Synchronous Exception at|X64 Exception Type"), "firmware exception"),
-)
-# Prompts that wait before ending their line (GRUB's key prompt, the firmware's network
-# boot with its ~60 s DHCP timeout): also matched on the unfinished line.
-FATAL_UNFINISHED = (FATAL[1], FATAL[2])
-# GRUB's "error: ..." and the firmware's failed boot options explain a later failure.
-_ERROR = re.compile(r"^error: |BdsDxe: failed to (load|start) ")
-
-
-def strip_ansi(text: str) -> str:
-    """Remove terminal escape sequences and control characters (keeps \\n and \\t)."""
-    return _CONTROL.sub("", _ANSI.sub("", text.replace("\r\n", "\n")))
+POWEROFF_WAIT = 60.0                   # --until-login: seconds from the request to QEMU's exit
+GRUB_ANSWER_WAIT = 3.0                 # seconds GRUB's shell gets to say where it looked
+TMP_PREFIX = "armvm-boot-"
+STALE_UNLOCKED_AGE = 3600.0            # a temp folder without a lock file (older versions)
 
 
 @dataclass(frozen=True)
@@ -73,101 +54,27 @@ class BootResult:
     command: list = field(default_factory=list)
     exit_status: int | None = None
     timed_out: bool = False
+    expect: str = ""                   # the regex the console was matched against
+    login_seconds: float | None = None       # QEMU start -> login prompt (until_login)
+    poweroff_seconds: float | None = None    # login prompt -> QEMU exit (until_login)
+    failed_units: tuple = ()           # systemd units seen failing on the console
+    grub_looked: tuple = ()            # where GRUB looked for grub.cfg, when it stopped
+    log: str | None = None             # where the console log was saved
+    log_error: str | None = None       # why it could not be saved
+
+    def last_lines(self, n: int = 20) -> list:
+        return self.console.splitlines()[-n:]
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "reason": self.reason, "events": self.events,
+                "command": self.command, "timed_out": self.timed_out,
+                "expect": self.expect, "login_seconds": self.login_seconds,
+                "poweroff_seconds": self.poweroff_seconds,
+                "failed_units": list(self.failed_units), "log": self.log}
 
 
-class ConsoleWatcher:
-    """Feed raw serial bytes; collects clean lines, milestones, the marker and failures."""
 
-    def __init__(self, expect: str, *, on_line: Callable[[str], None] | None = None,
-                 firmware: bool = True):
-        try:
-            self.expect = re.compile(expect)
-        except re.error as e:
-            raise ArmvmError(f"expected-output regex {expect!r} is not valid: {e}") from None
-        self.on_line = on_line
-        self.firmware = firmware
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.pending = ""
-        self.lines: list[str] = []
-        self.size = 0
-        self.truncated = False
-        self.events: dict[str, float] = {}
-        self.failure: str | None = None
-        self.failure_at: float | None = None
-        self.errors: list[str] = []       # loader/firmware error lines, first few
-        self.rebooted = False
-        self.powered_off = False
-
-    def feed(self, data: bytes, t: float) -> None:
-        if data and self.firmware and "firmware" not in self.events:
-            self.events["firmware"] = t
-        self.pending += self.decoder.decode(data)
-        while True:
-            nl = self.pending.find("\n")
-            if nl < 0:
-                if len(self.pending) > MAX_LINE_CHARS:
-                    self._raw_line(self.pending[:MAX_LINE_CHARS], t)
-                    self.pending = self.pending[MAX_LINE_CHARS:]
-                    continue
-                if self.pending and self.failure is None:
-                    # firmware prompts (">>Start PXE over IPv4.") end their line only
-                    # after a long network timeout: look at the unfinished line too
-                    self._check_fatal(strip_ansi(self.pending.replace("\r", "")), t,
-                                      FATAL_UNFINISHED)
-                return
-            self._raw_line(self.pending[:nl], t)
-            self.pending = self.pending[nl + 1:]
-
-    def finish(self, t: float) -> None:
-        self.pending += self.decoder.decode(b"", final=True)
-        if self.pending:
-            self._raw_line(self.pending, t)
-            self.pending = ""
-
-    def _raw_line(self, raw: str, t: float) -> None:
-        # a bare CR returns to column 0: treat each CR-separated piece as its own line
-        pieces = raw.rstrip("\r").split("\r")
-        for piece in pieces:
-            clean = strip_ansi(piece)
-            if clean or len(pieces) == 1:
-                self._line(clean, t)
-
-    def _line(self, line: str, t: float) -> None:
-        if self.size + len(line) < MAX_CONSOLE_CHARS:
-            self.lines.append(line)
-            self.size += len(line) + 1
-        else:
-            self.truncated = True
-        if self.on_line is not None:
-            self.on_line(line)
-        for i, (name, rx) in enumerate(MILESTONES):
-            # a milestone seen only after a later one (a quiet kernel's first line is its
-            # power-off) says nothing about when it happened: leave it out
-            later = any(n in self.events for n, _ in MILESTONES[i + 1:])
-            if name not in self.events and not later and rx.search(line):
-                self.events[name] = t
-        if "marker" not in self.events and self.expect.search(line):
-            self.events["marker"] = t
-        if "reboot: Restarting system" in line:
-            self.rebooted = True
-        if "reboot: Power down" in line:
-            self.powered_off = True
-        if _ERROR.search(line) and len(self.errors) < 5:
-            self.errors.append(line.strip())
-        self._check_fatal(line, t)
-
-    def _check_fatal(self, line: str, t: float, patterns=None) -> None:
-        if self.failure is None:
-            for rx, what in (FATAL if patterns is None else patterns):
-                if rx.search(line):
-                    detail = self.errors[0] if self.errors else line.strip()
-                    self.failure, self.failure_at = f"{what}: {detail}", t
-                    break
-
-    def text(self) -> str:
-        out = "\n".join(self.lines) + ("\n" if self.lines else "")
-        return out + ("[console truncated]\n" if self.truncated else "")
-
+# --- the QEMU process: its own session, dies with us, stopped as a group -----------------
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """Stop QEMU and anything it started: its own process group (start_new_session)."""
@@ -185,30 +92,156 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def _run(cmd: list[str], watcher: ConsoleWatcher, timeout: float):
-    """Run QEMU with piped output; returns (exit status or None, timed_out, killed_for,
-    stderr text)."""
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C (SIGINT)."""
+
+
+@contextlib.contextmanager
+def signals_as_interrupt():
+    """While booting, SIGTERM and SIGHUP raise KeyboardInterrupt like SIGINT does, so every
+    `finally` runs: QEMU is stopped, the temp folder removed. Only the main thread can set
+    handlers; elsewhere this does nothing (the main thread's handler covers it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Interrupted(f"signal {signum}")
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+@contextlib.contextmanager
+def boot_tempdir():
+    """A private folder for one boot, locked (flock) while the boot runs. Folders of
+    earlier runs whose lock is free (their process was killed) are removed first."""
+    clear_stale_tempdirs()
+    # Made and locked under a name the cleaner ignores, then renamed: a concurrent boot's
+    # cleaner never sees it unlocked.
+    new = tempfile.mkdtemp(prefix="." + TMP_PREFIX)
+    fd = os.open(os.path.join(new, ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    path = new
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        target = os.path.join(os.path.dirname(new), os.path.basename(new)[1:])
+        os.rename(new, target)
+        path = target
+        yield Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def clear_stale_tempdirs(root: str | None = None) -> list[str]:
+    """Remove `armvm-boot-*` folders whose lock nobody holds; returns what was removed.
+    A folder without a lock file (made by an older version) counts as stale once it is
+    older than STALE_UNLOCKED_AGE; folders of other users and symlinks are left alone."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for e in entries:
+        try:
+            if not e.name.startswith(TMP_PREFIX) or not e.is_dir(follow_symlinks=False):
+                continue
+            st = e.stat(follow_symlinks=False)
+            if st.st_uid != os.getuid():
+                continue
+            try:
+                fd = os.open(os.path.join(e.path, ".lock"),
+                             os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                if time.time() - st.st_mtime < STALE_UNLOCKED_AGE:
+                    continue
+                fd = None
+            try:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(e.path, ignore_errors=True)
+                removed.append(e.path)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        except OSError:
+            continue
+    return removed
+
+
+@dataclass
+class _Outcome:
+    status: int | None = None
+    timed_out: bool = False
+    killed_for: str | None = None
+    stderr: str = ""
+    powerdown_error: str | None = None
+
+
+def _run(cmd: list[str], watcher: ConsoleWatcher, timeout: float, *,
+         qmp: Path | None = None, poweroff_wait: float = POWEROFF_WAIT,
+         cancel: threading.Event | None = None) -> _Outcome:
+    """Run QEMU with piped console; with `qmp`, send system_powerdown once a login prompt
+    was seen and give the guest `poweroff_wait` seconds to power off. `cancel` set (from
+    another thread) stops the boot like Ctrl-C does.
+
+    PR_SET_PDEATHSIG fires when the *thread* that started QEMU ends; QEMU never outlives
+    this call, so a worker thread running several boots is fine."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=die_with_parent_hook())
     sel = selectors.DefaultSelector()
     err = bytearray()
-    timed_out, killed_for = False, None
+    out = _Outcome()
+    requested = asked_grub = None
+    deadline = timeout
     try:
         for stream in (proc.stdout, proc.stderr):
             os.set_blocking(stream.fileno(), False)
             sel.register(stream, selectors.EVENT_READ)
         while sel.get_map():
             now = time.monotonic() - start
-            if now >= timeout:
-                timed_out = True
+            if cancel is not None and cancel.is_set():
+                raise _Interrupted("cancelled")
+            if requested is not None and now - requested >= poweroff_wait:
+                out.killed_for = (f"the guest did not power off within {poweroff_wait:g} s of "
+                                  "the power-button request (QMP system_powerdown)")
+                break
+            if now >= deadline:
+                out.timed_out = True
                 break
             if watcher.failure_at is not None and (
-                    now - watcher.failure_at >= PANIC_GRACE
+                    watcher.stop_now or now - watcher.failure_at >= PANIC_GRACE
                     or any("end Kernel panic" in ln for ln in watcher.lines[-3:])):
-                killed_for = watcher.failure
+                out.killed_for = watcher.failure
                 break
-            for key, _ in sel.select(timeout=min(0.25, timeout - now)):
+            if "grub-shell" in watcher.events and asked_grub is None:
+                asked_grub = now                  # ask GRUB itself where it looked
+                _write(proc, GRUB_QUERY)
+            if asked_grub is not None and watcher.failure is None and \
+                    now - asked_grub >= GRUB_ANSWER_WAIT:
+                out.killed_for = ("GRUB found no grub.cfg it could read and stopped at its "
+                                  "grub> shell (it did not say where it looked)")
+                break
+            if qmp is not None and requested is None and "login" in watcher.events:
+                requested = now
+                watcher.event("powerdown", now)
+                deadline = max(deadline, now + poweroff_wait)
+                try:
+                    qmp_powerdown(qmp, timeout=min(10.0, poweroff_wait))
+                except ArmvmError as e:
+                    out.powerdown_error = str(e)
+                    out.killed_for = f"could not press the power button: {e}"
+                    break
+            for key, _ in sel.select(timeout=min(0.25, max(deadline - now, 0.01))):
                 try:
                     data = os.read(key.fileobj.fileno(), 65536)
                 except BlockingIOError:
@@ -219,44 +252,84 @@ def _run(cmd: list[str], watcher: ConsoleWatcher, timeout: float):
                     watcher.feed(data, time.monotonic() - start)
                 elif len(err) < 65536:
                     err += data
-        if not timed_out and killed_for is None:
+        if not out.timed_out and out.killed_for is None:
             try:
-                proc.wait(timeout=max(timeout - (time.monotonic() - start), 0.1))
+                proc.wait(timeout=max(deadline - (time.monotonic() - start), 0.1))
             except subprocess.TimeoutExpired:
-                timed_out = True
+                out.timed_out = True
         end = time.monotonic() - start
         watcher.finish(end)
-        if timed_out or killed_for is not None:
+        out.stderr = err.decode("utf-8", "replace")
+        if out.timed_out or out.killed_for is not None:
             _kill_group(proc)
-            return None, timed_out, killed_for, err.decode("utf-8", "replace")
-        watcher.events["poweroff"] = end
-        return proc.returncode, False, None, err.decode("utf-8", "replace")
+            return out
+        watcher.event("poweroff", end)
+        out.status = proc.returncode
+        return out
     finally:
         sel.close()
         _kill_group(proc)
-        for stream in (proc.stdout, proc.stderr):
-            stream.close()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
-def _verdict(w: ConsoleWatcher, status, timed_out, killed_for, stderr: str,
-             timeout: float) -> tuple[bool, str]:
-    seen = "marker seen" if "marker" in w.events else "marker not seen"
-    last = max(w.events, key=w.events.get) if w.events else "no console output"
-    if killed_for is not None:
-        return False, killed_for
-    if w.failure is not None and "marker" not in w.events:
+def _write(proc: subprocess.Popen, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.write(proc.stdin.fileno(), data)
+
+
+def _verdict(w: ConsoleWatcher, o: _Outcome, timeout: float,
+             until_login: bool) -> tuple[bool, str]:
+    goal = "login prompt" if until_login else "marker"
+    got = "login" if until_login else "marker"
+    seen = f"{goal} seen" if got in w.events else f"{goal} not seen"
+    # the latest milestone; of several seen at once, the one recorded last
+    last = max(enumerate(w.events), key=lambda ie: (w.events[ie[1]], ie[0]))[1] \
+        if w.events else "no console output"
+    units = f"; failed units: {', '.join(w.failed_units)}" if w.failed_units else ""
+    if o.killed_for is not None:
+        return False, o.killed_for + units
+    if w.failure is not None and got not in w.events:
         return False, w.failure          # e.g. a panic right before QEMU exited by itself
-    if timed_out:
-        return False, f"timed out after {timeout:g} s ({seen}; last milestone: {last})"
-    if status != 0:
-        tail = " ".join(stderr.strip().splitlines()[-3:])
-        return False, f"QEMU exited with status {status} ({seen}){': ' + tail if tail else ''}"
+    if o.timed_out:
+        return False, f"timed out after {timeout:g} s ({seen}; last milestone: {last}){units}"
+    if o.status != 0:
+        tail = " ".join(o.stderr.strip().splitlines()[-3:])
+        return False, f"QEMU exited with status {o.status} ({seen}){': ' + tail if tail else ''}"
     if w.rebooted:
         return False, f"the guest rebooted instead of powering off ({seen})"
-    if "marker" not in w.events:
-        return False, f"QEMU exited (guest powered off) but the marker was not seen " \
-                      f"(last milestone: {last})"
+    if got not in w.events:
+        return False, f"QEMU exited (guest powered off) but the {goal} was not seen " \
+                      f"(last milestone: {last}){units}"
+    if w.failed_units:
+        return False, f"systemd units failed: {', '.join(w.failed_units)}"
+    if until_login:
+        return True, (f"login prompt after {w.events['login']:.1f} s; the guest powered off "
+                      f"{w.events['poweroff'] - w.events['login']:.1f} s after the "
+                      f"power-button request")
     return True, f"marker seen, guest powered off after {w.events['poweroff']:.1f} s"
+
+
+def save_log(path: Path, text: str) -> None:
+    """Write the console log under a temporary name in the same folder, then rename: a
+    symlink at the final name is replaced, never followed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def image_arch(image: Path) -> str | None:
+    """The architecture of the image's removable-path loader (None when it has none)."""
+    return probe_image(Path(image)).arch
 
 
 def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
@@ -265,13 +338,21 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                extra_virtio: bool = False, direct: tuple | None = None,
                sector_size: int | None = None, memory_mb: int = 1024, cpus: int = 2,
                on_line: Callable[[str], None] | None = None,
-               kvm: bool | None = None) -> BootResult:
+               on_event: Callable[[str, float], None] | None = None,
+               kvm: bool | None = None, until_login: bool = False,
+               poweroff_wait: float = POWEROFF_WAIT,
+               log_path: Path | None = None,
+               cancel: threading.Event | None = None) -> BootResult:
     """Boot `image` (attached read-only-safe with snapshot=on) and report what happened.
 
     arch 'auto' reads the loader name (BOOTAA64.EFI / BOOTARM.EFI) from the image's ESP;
+    a given arch that contradicts the loader is an error before anything boots.
     sector_size None uses the image's own (4096 when its GPT is at byte 4096).
     direct=(kernel, initrd, cmdline) boots the kernel without firmware.  kvm None means
     detect.  Interactive: serial on this terminal, no timeout or marker (Ctrl-A x quits).
+    until_login: wait for a getty prompt instead of the marker, then ask for power-off.
+    log_path: the console log is always written there (also on failure or Ctrl-C).
+    cancel: an Event another thread sets to stop this boot (raises KeyboardInterrupt).
     """
     if not timeout > 0:
         raise ArmvmError(f"boot timeout {timeout!r} must be a positive number of seconds")
@@ -284,31 +365,57 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                 raise
     if arch == "auto":
         if info is None or info.arch is None:
-            raise ArmvmError(f"{image}: cannot tell the architecture (no \\EFI\\BOOT\\"
-                             f"BOOTAA64.EFI or BOOTARM.EFI on its ESP); give the architecture")
+            raise NotAnImageError(f"{image}: cannot tell the architecture (no \\EFI\\BOOT\\"
+                                  f"BOOTAA64.EFI or BOOTARM.EFI on its ESP); pass --arch "
+                                  f"aarch64 or --arch armv7")
         arch = info.arch
     a = arch_of(arch)
+    if info is not None and info.arch is not None and info.arch != a.name and direct is None:
+        loader = "\\EFI\\BOOT\\" + spec.ARCHES[info.arch].removable_name
+        raise NotAnImageError(f"{image}: its loader is for {info.arch} ({loader}), not "
+                              f"{a.name}: drop --arch or give --arch {info.arch}")
     if sector_size is None and info is not None:
         sector_size = info.sector_size
     use_kvm = kvm_usable(a) if kvm is None else kvm
     exe = find_qemu(a)
-    with tempfile.TemporaryDirectory(prefix="armvm-boot-") as tmp:
+    if expect is None:
+        expect = re.escape(spec.BOOT_MARKER)
+    with signals_as_interrupt(), boot_tempdir() as tmp:
         firmware = None
         if direct is None:
             code, vars_template = find_firmware(a)
-            vars_copy = Path(tmp) / "VARS.fd"
+            vars_copy = tmp / "VARS.fd"
             shutil.copyfile(vars_template, vars_copy)      # fresh, empty variable store
             firmware = (code, vars_copy)
+        qmp = tmp / "qmp.sock" if until_login else None
         cmd = qemu_command(arch=a, qemu=exe, image=image, firmware=firmware, gic=gic,
                            acpi=acpi, kvm=use_kvm, extra_virtio=extra_virtio, direct=direct,
                            sector_size=sector_size, memory_mb=memory_mb, cpus=cpus,
-                           qemu_args=qemu_args)
+                           qmp=qmp, qemu_args=qemu_args)
         if interactive:
-            status = subprocess.call(cmd)
+            status = subprocess.call(cmd, preexec_fn=die_with_parent_hook())
             return BootResult(status == 0, f"interactive session ended (QEMU status {status})",
                               "", {}, cmd, status, False)
-        watcher = ConsoleWatcher(expect if expect is not None else re.escape(spec.BOOT_MARKER),
-                                 on_line=on_line, firmware=direct is None)
-        status, timed_out, killed_for, stderr = _run(cmd, watcher, float(timeout))
-    ok, reason = _verdict(watcher, status, timed_out, killed_for, stderr, float(timeout))
-    return BootResult(ok, reason, watcher.text(), dict(watcher.events), cmd, status, timed_out)
+        watcher = ConsoleWatcher(expect, on_line=on_line, on_event=on_event,
+                                 firmware=direct is None, login=until_login)
+        log_error = None
+        try:
+            out = _run(cmd, watcher, float(timeout), qmp=qmp, poweroff_wait=poweroff_wait,
+                       cancel=cancel)
+        finally:
+            if log_path is not None:
+                try:
+                    save_log(log_path, watcher.text())
+                except OSError as e:
+                    log_error = f"could not save the console log to {log_path}: {e.strerror}"
+    ok, reason = _verdict(watcher, out, float(timeout), until_login)
+    ev = watcher.events
+    login_s = ev.get("login") if until_login else None
+    off_s = ev["poweroff"] - ev["login"] if until_login and "poweroff" in ev and \
+        "login" in ev else None
+    return BootResult(ok, reason, watcher.text(), dict(ev), cmd, out.status, out.timed_out,
+                      expect=expect, login_seconds=login_s, poweroff_seconds=off_s,
+                      failed_units=tuple(watcher.failed_units),
+                      grub_looked=watcher.grub_looked,
+                      log=str(log_path) if log_path is not None and log_error is None else None,
+                      log_error=log_error)

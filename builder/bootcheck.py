@@ -7,9 +7,16 @@ AArch32: GICv2 and GICv3, device tree (AAVMF32 has no ACPI).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+
+# Measured on a shared 2-core TCG host: both scenarios at once took 0.70x and 0.61x the
+# time of one after the other (74.9 s vs 107.6 s, 55.5 s vs 90.8 s); a booting guest keeps
+# about one vCPU busy, so one core per boot is enough to gain.
+CONCURRENT_MIN_CORES_PER_BOOT = 1
 
 
 @dataclass(frozen=True)
@@ -42,33 +49,103 @@ def detect_arch(image: Path) -> str:
     return arch
 
 
-def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[str] = (),
-               on_line=None) -> dict:
-    """Boot each scenario; returns {"scenarios": [...], "checks": [Check...], "ok": bool}."""
+def check_arch(image: Path, arch: str) -> None:
+    """Refuse, before booting, an --arch that the image's loader contradicts."""
+    from builder import spec
+    from builder.errors import NotAnImageError
+    from builder.qemu import probe_image
+    found = probe_image(image).arch
+    if found is not None and found != arch:
+        raise NotAnImageError(f"{image}: its loader is for {found} (\\EFI\\BOOT\\"
+                              f"{spec.ARCHES[found].removable_name}), not {arch}: drop --arch or "
+                              f"give --arch {found}")
+
+
+def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, verbose, log_dir,
+         log_stem, cancel=None) -> tuple:
     from builder.boot import boot_image
     from builder.verify.runtime import parse_runtime_report, runtime_checks
-    results, checks = [], []
-    for sc in scenarios(arch):
-        res = boot_image(image, arch=arch, timeout=timeout, gic=sc.gic, acpi=sc.acpi if arch == "aarch64" else None,
-                         extra_virtio=sc.balloon, qemu_args=qemu_args,
-                         on_line=on_line)
-        facts = parse_runtime_report(res.console)
-        scenario = {"gic": sc.gic, "acpi": sc.acpi, "virtio_transports": ["pci", "mmio"],
-                    "virtio_devices": _expected(sc.balloon),
-                    "reached_marker": res.ok or "marker" in res.events,
-                    "powered_off": res.exit_status is not None and not res.timed_out,
-                    "loader_seen": "loader" in res.events}
-        sc_checks = [replace(c, detail=f"[{sc.name}] {c.detail}")
-                     for c in runtime_checks(facts, arch=arch, scenario=scenario)]
-        results.append({"scenario": sc.name, "ok": res.ok, "reason": res.reason,
-                        "events": {k: round(v, 2) for k, v in res.events.items()},
-                        "checks": [c.__dict__ if not hasattr(c, "to_json") else c.to_json() for c in sc_checks]})
-        checks.extend(sc_checks)
-    merged = _merge(checks)
+    task = progress.boot(sc.name) if progress is not None else None
+    lines = ([task.on_line] if task else []) + ([_echo_err(sc.name)] if verbose else [])
+    log = Path(log_dir) / f"{log_stem}.boot.{sc.name}.log" if log_dir is not None else None
+    try:
+        res = boot_image(image, arch=arch, timeout=timeout, gic=sc.gic,
+                         acpi=sc.acpi if arch == "aarch64" else None, extra_virtio=sc.balloon,
+                         qemu_args=qemu_args, on_line=lambda ln: [f(ln) for f in lines],
+                         on_event=task.on_event if task else None, log_path=log,
+                         cancel=cancel)
+    finally:
+        if task is not None:
+            task.done()
+    facts = parse_runtime_report(res.console)
+    scenario = {"gic": sc.gic, "acpi": sc.acpi, "virtio_transports": ["pci", "mmio"],
+                "virtio_devices": _expected(sc.balloon),
+                "reached_marker": res.ok or "marker" in res.events,
+                "powered_off": res.exit_status is not None and not res.timed_out,
+                "loader_seen": "loader" in res.events}
+    sc_checks = [replace(c, detail=f"[{sc.name}] {c.detail}")
+                 for c in runtime_checks(facts, arch=arch, scenario=scenario)]
+    return ({"scenario": sc.name, "ok": res.ok, "reason": res.reason, "log": res.log,
+             "events": {k: round(v, 2) for k, v in res.events.items()},
+             "checks": [c.to_json() for c in sc_checks]}, sc_checks)
+
+
+def _echo_err(name: str):
+    import sys
+
+    def echo(line: str) -> None:
+        print(f"[{name}] {line}", file=sys.stderr, flush=True)
+    return echo
+
+
+def can_run_concurrently(n: int, memory_mb: int = 1024) -> bool:
+    """Boots at once only with a core per boot and the guests' memory available twice
+    over."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.split()[1:]}
+        avail_mb = info.get("MemAvailable", 0) // 1024
+    except (OSError, ValueError, IndexError):
+        avail_mb = 0
+    return cores >= CONCURRENT_MIN_CORES_PER_BOOT * n and avail_mb >= 2 * n * memory_mb
+
+
+def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[str] = (),
+               progress=None, verbose: bool = False, log_dir: Optional[Path] = None,
+               log_stem: str = "image", concurrent: Optional[bool] = None) -> dict:
+    """Boot each scenario; returns {"scenarios": [...], "checks": [Check...], "ok": bool}.
+    concurrent None decides by cores and memory (can_run_concurrently)."""
+    from builder.boot import signals_as_interrupt
+    scs = scenarios(arch)
+    if concurrent is None:
+        concurrent = can_run_concurrently(len(scs))
+    cancel = threading.Event()
+    args = (arch, timeout, qemu_args, progress, verbose, log_dir, log_stem, cancel)
+    with signals_as_interrupt():
+        if concurrent:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(len(scs)) as pool:
+                try:
+                    done = list(pool.map(lambda sc: _one(image, sc, *args), scs))
+                except BaseException:
+                    cancel.set()          # Ctrl-C / SIGTERM: stop the other boots too
+                    raise
+        else:
+            done = [_one(image, sc, *args) for sc in scs]
+    results = [r for r, _ in done]
+    merged = _merge([c for _, cs in done for c in cs])
     ok = all(r["ok"] for r in results) and all(c.result != "fail" for c in merged)
-    return {"image": str(image), "arch": arch, "ok": ok, "scenarios": results, "checks": merged}
+    return {"image": str(image), "arch": arch, "ok": ok, "concurrent": bool(concurrent),
+            "scenarios": results, "checks": merged}
 
 
+def checks_report(out: dict, profile: str = "vmspec-2.0"):
+    """The merged rt.* checks as a verify Report: same table, levels and count line."""
+    from builder.verify.report import Report
+    return Report(image=out["image"], arch=out["arch"], profile=profile,
+                  checks=tuple(out["checks"]))
 def _merge(checks) -> list:
     """One result per check id over all scenarios: fail wins over warn, warn over pass,
     pass over skip; details of the winning result are joined."""
@@ -81,10 +158,3 @@ def _merge(checks) -> list:
         elif rank[c.result] == rank[cur.result] and c.detail != cur.detail:
             best[c.id] = replace(cur, detail=f"{cur.detail}; {c.detail}")
     return [best[k] for k in sorted(best)]
-
-
-def check_table(checks) -> str:
-    lines = [f"{'check':<22} {'result':<6} detail"]
-    for c in checks:
-        lines.append(f"{c.id:<22} {c.result:<6} {c.detail}")
-    return "\n".join(lines)

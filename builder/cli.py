@@ -175,18 +175,25 @@ def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or ano
 
 @app.command()
 def boot(image: Path = typer.Argument(..., help="A raw disk image."),
-         arch: str = typer.Option("auto", "--arch", help="auto (from the loader on the ESP), aarch64 or armv7."),
+         arch: str = typer.Option("auto", "--arch", help="auto (from the loader on the ESP), aarch64 or armv7; "
+                                  "a value the loader contradicts is an error before booting."),
          timeout: float = typer.Option(180.0, "--timeout", help="Seconds before the guest counts as hung."),
          gic: Optional[int] = typer.Option(None, "--gic", help="GIC version of the virt machine: 2 or 3."),
          acpi: Optional[str] = typer.Option(None, "--acpi", help="AArch64: on (default virt) or off (device tree)."),
-         expect: Optional[str] = typer.Option(None, "--expect", help="Regex that counts as success on the console "
-                                              "(default: our images' marker line)."),
+         expect: Optional[str] = typer.Option(None, "--expect", help="Regex that counts as success on the console, "
+                                              "also matched on unfinished lines (default: our images' marker line)."),
+         until_login: bool = typer.Option(False, "--until-login", help="Real OS: wait for a getty login prompt, then "
+                                          "press the power button over QMP; ok when the guest powers off within "
+                                          "60 s and no systemd unit failed."),
          checks: bool = typer.Option(False, "--checks", help="Boot the runtime matrix and report rt.* checks."),
          direct: bool = typer.Option(False, "--direct", help="Boot <name>.vmlinuz/.initrd/.cmdline beside the image "
                                      "with -kernel/-initrd/-append (no firmware; outside the spec's image contract)."),
          interactive: bool = typer.Option(False, "--interactive", help="Serial console on this terminal; no marker wait."),
          qemu_arg: List[str] = typer.Option([], "--qemu-arg", help="Extra QEMU argument (repeatable)."),
+         log: Optional[Path] = typer.Option(None, "--log", help="Where to save the console log (default: "
+                                            "<image folder>/<name>.boot.log)."),
          verbose: bool = typer.Option(False, "-v", "--verbose", help="Stream the guest console to stderr."),
+         quiet: bool = typer.Option(False, "-q", "--quiet", help="No live progress."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
     """Boot an image under QEMU with the AAVMF firmware and report what the guest saw."""
     if arch not in ("auto", "aarch64", "armv7"):
@@ -195,37 +202,61 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         raise typer.BadParameter("use 2 or 3", param_hint="--gic")
     if acpi not in (None, "on", "off"):
         raise typer.BadParameter("use on or off", param_hint="--acpi")
-    from builder import bootcheck
+    if checks and until_login:
+        raise typer.BadParameter("--checks boots our marker images; use one of them", param_hint="--until-login")
+    from builder import bootcheck, bootview
     from builder.errors import NotAnImageError
-    on_line = (lambda line: typer.echo(line, err=True)) if verbose else None
+    live = bootview.BootProgress(False if (quiet or as_json or verbose or interactive) else None)
+    stem = image.name[:-4] if image.name.endswith(".raw") else image.name
+    log_path = log if log is not None else image.parent / f"{stem}.boot.log"
     try:
         if not image.is_file():
             raise NotAnImageError(f"{image}: no such image file")
-        if arch == "auto":
-            arch = bootcheck.detect_arch(image)
         if checks:
-            out = bootcheck.run_checks(image, arch=arch, timeout=timeout, qemu_args=qemu_arg, on_line=on_line)
+            if arch == "auto":
+                arch = bootcheck.detect_arch(image)
+            else:
+                bootcheck.check_arch(image, arch)      # before booting anything
+            with live:
+                out = bootcheck.run_checks(image, arch=arch, timeout=timeout, qemu_args=qemu_arg,
+                                           progress=live, verbose=verbose,
+                                           log_dir=log_path.parent, log_stem=stem)
+            report = bootcheck.checks_report(out)
             if as_json:
-                typer.echo(json.dumps({**out, "checks": [c.__dict__ for c in out["checks"]]}, indent=2))
+                typer.echo(json.dumps({**out, "checks": [c.to_json() for c in out["checks"]],
+                                       "summary": report.summary()}, indent=2))
             else:
                 for sc in out["scenarios"]:
-                    typer.echo(f"{sc['scenario']}: {'ok' if sc['ok'] else 'FAILED: ' + sc['reason']} {sc['events']}")
-                typer.echo(bootcheck.check_table(out["checks"]))
+                    typer.echo(f"{sc['scenario']}: {'ok' if sc['ok'] else 'FAILED: ' + sc['reason']}"
+                               + (f" (console log: {sc['log']})" if sc.get("log") else ""))
+                typer.echo("")
+                typer.echo(report.format_table())
             raise typer.Exit(0 if out["ok"] else EXIT_FAILED)
         from builder.boot import boot_image
         direct_args = _direct_files(image) if direct else None
-        res = boot_image(image, arch=arch, timeout=timeout, gic=gic, acpi=None if acpi is None else acpi == "on",
-                         expect=expect, interactive=interactive, qemu_args=qemu_arg, direct=direct_args,
-                         on_line=on_line)
+        with live:
+            task = live.boot(image.name)
+            lines = [task.on_line] + ([lambda line: typer.echo(line, err=True)] if verbose else [])
+            res = boot_image(image, arch=arch, timeout=timeout, gic=gic, acpi=None if acpi is None else acpi == "on",
+                             expect=expect, interactive=interactive, qemu_args=qemu_arg, direct=direct_args,
+                             on_line=lambda line: [f(line) for f in lines], on_event=task.on_event,
+                             until_login=until_login, log_path=None if interactive else log_path)
+            task.done()
     except ArmvmError as err:
         _fail(err, as_json)
+    except KeyboardInterrupt:           # Ctrl-C, SIGTERM, SIGHUP (builder.boot)
+        kept = f"console logs kept in {log_path.parent}" if checks else f"console log kept at {log_path}"
+        typer.echo(f"armvm-build: interrupted; QEMU stopped, {kept}", err=True)
+        raise typer.Exit(130)
     if as_json:
-        typer.echo(json.dumps({"ok": res.ok, "reason": res.reason, "events": res.events,
-                               "command": res.command, "timed_out": res.timed_out}, indent=2))
+        typer.echo(json.dumps(res.to_json(), indent=2))
+    elif interactive:
+        typer.echo(res.reason)
+    elif res.ok:
+        from builder.verify.runtime import parse_runtime_report
+        typer.echo(bootview.success_text(res, parse_runtime_report(res.console)))
     else:
-        typer.echo(("booted: " if res.ok else "boot FAILED: ") + res.reason)
-        for k, v in sorted(res.events.items(), key=lambda kv: kv[1]):
-            typer.echo(f"  {v:7.2f}s  {k}")
+        typer.echo(bootview.failure_text(res, until_login=until_login))
     raise typer.Exit(0 if res.ok else EXIT_FAILED)
 
 

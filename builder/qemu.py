@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,7 @@ from .errors import ArmvmError, MissingToolError, NotAnImageError
 
 GIC_VERSIONS = (2, 3)
 MMIO_BLK_BYTES = 1024 * 1024          # the blank virtio-mmio disk of extra_virtio
+MAX_UNIX_PATH = 107                    # sun_path holds 108 bytes with the final NUL
 KVM_HOSTS = {"aarch64": ("aarch64", "arm64"), "armv7": ("armv7l", "armv8l")}
 
 
@@ -66,10 +68,11 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
                  firmware: tuple[Path, Path] | None = None, gic: int | None = None,
                  acpi: bool | None = None, kvm: bool = False, extra_virtio: bool = False,
                  direct: tuple | None = None, sector_size: int | None = None,
-                 memory_mb: int = 1024, cpus: int = 2,
+                 memory_mb: int = 1024, cpus: int = 2, qmp: Path | None = None,
                  qemu_args: Sequence[str] = ()) -> list[str]:
     """The QEMU command line. `firmware` is (code, writable vars copy); `direct` is
-    (kernel, initrd or None, cmdline) for a boot without firmware."""
+    (kernel, initrd or None, cmdline) for a boot without firmware; `qmp` a Unix socket
+    path QEMU listens on for QMP (the power-button request of --until-login)."""
     a = arch_of(arch)
     machine = "virt"
     if gic is not None:
@@ -134,8 +137,59 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
             "-device", "virtio-serial-device", "-chardev", "null,id=vcon1",
             "-device", "virtconsole,chardev=vcon1",
         ]
+    if qmp is not None:
+        if len(os.fsencode(str(qmp))) > MAX_UNIX_PATH:
+            raise ArmvmError(f"QMP socket path {qmp} is longer than a Unix socket allows "
+                             f"({MAX_UNIX_PATH} bytes): set TMPDIR to a shorter folder")
+        cmd += ["-qmp", f"unix:{_opt(qmp)},server=on,wait=off"]
     cmd += [str(x) for x in qemu_args]
     return cmd
+
+
+# --- QMP: ask the guest to power off (the ACPI power button / the GPIO power key) -------
+
+def qmp_powerdown(path: Path, timeout: float = 10.0) -> None:
+    """Connect to QEMU's QMP socket and send `system_powerdown`. Uses the QEMU project's
+    own client (qemu.qmp); raises ArmvmError with what went wrong."""
+    import asyncio
+    from qemu.qmp import QMPClient, QMPError
+
+    async def exchange():
+        client = QMPClient("armvm-build")
+        try:
+            await asyncio.wait_for(client.connect(str(path)), timeout)
+            await asyncio.wait_for(client.execute("system_powerdown"), timeout)
+        finally:
+            await client.disconnect()
+    try:
+        asyncio.run(exchange())
+    except asyncio.TimeoutError:
+        raise ArmvmError(f"QMP at {path} did not answer within {timeout:.0f} s") from None
+    except (QMPError, OSError) as e:
+        raise ArmvmError(f"QMP system_powerdown failed: {e}") from None
+
+
+# --- the child side: QEMU dies with its parent -----------------------------------------
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent_hook():
+    """A preexec_fn for subprocess.Popen: the kernel sends QEMU SIGKILL when the process
+    that started it dies (Linux PR_SET_PDEATHSIG), whatever killed the parent; if the parent
+    is already gone, exit at once. Everything is looked up before the fork."""
+    import ctypes
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):        # not Linux: no parent-death signal
+        return None
+    parent, sigkill = os.getpid(), int(signal.SIGKILL)
+
+    def hook():
+        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(125)
+    return hook
 
 
 # --- image probe: GPT -> ESP -> FAT \EFI\BOOT\BOOT*.EFI ----------------------------------

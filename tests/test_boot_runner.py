@@ -3,6 +3,7 @@ image probe; the runner itself against a fake QEMU (real boots are end-to-end te
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -11,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder import boot, qemu, spec
-from builder.boot import ConsoleWatcher, boot_image, strip_ansi
+from builder import console, qemu, spec
+from builder.boot import boot_image
+from builder.console import ConsoleWatcher, strip_ansi
 from builder.errors import ArmvmError, MissingToolError, NotAnImageError
 from builder.qemu import find_firmware, kvm_usable, probe_image, qemu_command
 
@@ -65,7 +67,7 @@ def feed_lines(w: ConsoleWatcher, lines) -> None:
 
 def test_milestones_from_transcript():
     seen = []
-    w = ConsoleWatcher(boot.re.escape(spec.BOOT_MARKER), on_line=seen.append)
+    w = ConsoleWatcher(re.escape(spec.BOOT_MARKER), on_line=seen.append)
     feed_lines(w, TRANSCRIPT)
     assert w.events == EXPECTED_EVENTS
     assert w.failure is None and w.powered_off and not w.rebooted
@@ -83,7 +85,7 @@ def test_chunking_does_not_matter(cuts):
     """Bytes split anywhere (inside escapes, CRLF pairs, UTF-8 sequences) give the same
     console text and the same milestone order."""
     data = "".join(TRANSCRIPT).encode()
-    w = ConsoleWatcher(boot.re.escape(spec.BOOT_MARKER))
+    w = ConsoleWatcher(re.escape(spec.BOOT_MARKER))
     pos, t = 0, 0.0
     for n in cuts * (len(data) // max(sum(cuts), 1) + 1):
         if pos >= len(data):
@@ -91,7 +93,7 @@ def test_chunking_does_not_matter(cuts):
         w.feed(data[pos:pos + n], t)
         pos, t = pos + n, t + 1
     w.finish(t)
-    ref = ConsoleWatcher(boot.re.escape(spec.BOOT_MARKER))
+    ref = ConsoleWatcher(re.escape(spec.BOOT_MARKER))
     feed_lines(ref, TRANSCRIPT)
     assert w.text() == ref.text()
     assert sorted(w.events, key=w.events.get) == sorted(ref.events, key=ref.events.get)
@@ -133,8 +135,8 @@ def test_panic_text_is_whole_line_even_when_split():
 
 def test_long_unterminated_output_is_bounded():
     w = ConsoleWatcher("MARKER")
-    w.feed(b"x" * (boot.MAX_LINE_CHARS * 3 + 5), 0.0)
-    assert all(len(ln) <= boot.MAX_LINE_CHARS for ln in w.lines) and len(w.lines) == 3
+    w.feed(b"x" * (console.MAX_LINE_CHARS * 3 + 5), 0.0)
+    assert all(len(ln) <= console.MAX_LINE_CHARS for ln in w.lines) and len(w.lines) == 3
     assert len(w.pending) == 5
 
 
@@ -156,6 +158,7 @@ def test_default_aarch64_command():
         "-nographic", "-no-reboot",
         "-drive", "if=pflash,format=raw,readonly=on,file=/fw/CODE.fd",
         "-drive", "if=pflash,format=raw,file=/tmp/x/VARS.fd",
+        "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-drive", "if=none,id=disk0,format=raw,file=/img/disk.raw,snapshot=on",
         "-device", "virtio-blk-pci,drive=disk0"]
 

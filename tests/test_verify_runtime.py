@@ -137,3 +137,18 @@ def test_merge_runtime():
     assert m["rt.dt"].result == "pass"           # skip in the ACPI boot, pass in the DT boot
     assert m["rt.gic"].result == "fail"          # the second boot reported GICv3 for gic=2
     assert m["rt.acpi"].result == "pass" and "(1 of 2 boots)" in m["rt.acpi"].detail
+
+
+def test_devicetree_flag_and_the_readable_table():
+    from builder.bootview import facts_rows
+    f = parse_runtime_report(TRANSCRIPT)
+    assert f.devicetree is None                      # the transcript has no such line
+    rows = dict(facts_rows(f))
+    assert rows["ACPI/DT"] == "ACPI" and rows["GIC"] == "v3"
+    dt = parse_runtime_report(TRANSCRIPT.replace("acpi=1", "acpi=0")
+                              + "ARMVM-REPORT devicetree=1\r\n")
+    assert dt.devicetree is True
+    rows = facts_rows(dt)
+    assert dict(rows)["ACPI/DT"] == "device tree"
+    assert [v for k, v in rows if k == "virtio"][:2] == [
+        "virtio0: block over pci, driver virtio_blk", "virtio1: net over pci, driver virtio_net"]

@@ -43,6 +43,7 @@ class RuntimeFacts:
     efi: Optional[bool] = None
     acpi: Optional[bool] = None
     fdt: Optional[bool] = None
+    devicetree: Optional[bool] = None                # /proc/device-tree: booted from a DT
     rtc: list = field(default_factory=list)
     consoles: list = field(default_factory=list)     # (name, driver)
     gic: Optional[str] = None                        # '2' | '3' | 'unknown'
@@ -91,7 +92,7 @@ def parse_runtime_report(console_text: str) -> RuntimeFacts:
         elif "module" in kv:
             facts.modules.append(kv["module"])
         else:
-            for k in ("efi", "acpi", "fdt"):
+            for k in ("efi", "acpi", "fdt", "devicetree"):
                 if k in kv:
                     setattr(facts, k, _flag(kv[k]))
             if "gic" in kv:
