@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from builder.cache import check_sha256
+from builder.cache import check_sha256, sha256_file
 from builder.debian.deb import extract_deb
 from builder.debian.index import INDEX_FORMAT, Index, build_index
 from builder.debian.mirror import find_mirror
@@ -133,7 +133,7 @@ class DebianArchive:
         check_keyring(self.keyring)              # before any download
         if self.offline:
             sha = self.cache.get_ref(ref)
-            path = self.cache.blob(sha) if sha else None
+            path = self.cache.blob(sha, verify=True) if sha else None
             if path is None:
                 raise SourceError(f"{url}: offline and no InRelease of '{self.suite}' is cached "
                                   "for this mirror; run once online, or build with a lock "
@@ -195,11 +195,12 @@ class DebianArchive:
             return None
         suffix, sha, size = entry
         key = f"{INDEX_FORMAT}-{sha}"
-        tree = self.cache.tree(key)
+        tree = self.cache.tree(key, source=sha)
         if tree is None:
             if not fetch:
                 return None
-            tree = self.cache.put_tree(key, lambda d: self._build(d, component, arch, entry))
+            tree = self.cache.put_tree(key, lambda d: self._build(d, component, arch, entry),
+                                       source=sha)
         index = self._indexes[(component, arch)] = Index(tree / "packages.sqlite")
         return index
 
@@ -315,13 +316,23 @@ class DebianArchive:
 
     def extract(self, pkg_or_artifact: Union[DebPackage, Artifact]) -> Path:
         """The package's extracted data tree, cached by the .deb's sha256."""
-        key = f"deb-{pkg_or_artifact.sha256}"
-        tree = self.cache.tree(key)
+        sha = pkg_or_artifact.sha256
+        key = f"deb-{sha}"
+        tree = self.cache.tree(key, source=sha)       # checked against its stamp
         if tree is not None:
             return tree
-        art = self.fetch(pkg_or_artifact) if isinstance(pkg_or_artifact, DebPackage) \
-            else pkg_or_artifact
-        return self.cache.put_tree(key, lambda d: extract_deb(art.path, d))
+        if isinstance(pkg_or_artifact, DebPackage):
+            art = self.fetch(pkg_or_artifact)           # re-hashed by the fetcher
+        else:
+            art = pkg_or_artifact
+            try:
+                got = sha256_file(art.path)[0]
+            except OSError as e:
+                raise SourceError(f"{art.path}: cannot read: {e.strerror}") from None
+            if got != sha:
+                raise SourceError(f"{art.path}: sha256 is {got}, expected {sha} (the file "
+                                  "changed after it was fetched); refusing to extract it")
+        return self.cache.put_tree(key, lambda d: extract_deb(art.path, d), source=sha)
 
     def pinned(self) -> list[DebPackage]:
         return [self._pinned[n] for n in sorted(self._pinned)]
