@@ -83,13 +83,15 @@ class Fetcher:
 
     def blob(self, sha256: str, urls: Sequence[str] | Callable[[], Sequence[str]], *, what: str,
              origin: str | None = None, names: Sequence[str] = (), size: int | None = None,
-             hint: str = "", offline: bool = False) -> Artifact:
+             hint: str = "", offline: bool = False, verify: bool = True) -> Artifact:
         """A file with a known hash: cache, then vendor dirs (by ``names``), then ``urls``
         in order (the next URL is tried only when the previous one answers 404/410).
-        ``urls`` may be a callable, called only when the network is actually needed."""
+        ``urls`` may be a callable, called only when the network is actually needed.
+        A cached copy is re-hashed first (the cache trusts nothing it finds) unless
+        ``verify=False``: then the caller must hash the file before using its bytes."""
         origin = origin or what
         seen = len(self.cache.problems)
-        path = self.cache.blob(sha256, verify=True)      # re-hashed: the cache trusts nothing
+        path = self.cache.blob(sha256, verify=verify)
         if path is not None:
             return Artifact(path, sha256, path.stat().st_size, origin)
         found = self._from_vendor(sha256, names, size)
