@@ -142,8 +142,14 @@ class Cache:
     def close(self) -> None:
         """Release every entry this process holds."""
         for fd in self._held.values():
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._held = {}
+
+    def __del__(self):
+        self.close()
 
     @staticmethod
     def _touch(path: Path) -> None:
