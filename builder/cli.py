@@ -235,7 +235,8 @@ def _mib(n: int) -> str:
 def cache_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable list on stdout.")):
     """Every cached blob and tree with its size and last use, least recently used first."""
     import time as _time
-    from builder.cache import default_cache_root, list_entries
+    from builder.cache import default_cache_root
+    from builder.cache_admin import list_entries
     root = default_cache_root()
     entries = list_entries(root)
     total = sum(e.size for e in entries)
@@ -259,7 +260,8 @@ def cache_prune(older_than: Optional[float] = typer.Option(None, "--older-than",
                 as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
     """Remove cache entries by age of last use and/or total size. Entries a running build holds
     are never removed; with no option, entries unused for 30 days go."""
-    from builder.cache import default_cache_root, prune
+    from builder.cache import default_cache_root
+    from builder.cache_admin import prune
     limit = None
     if max_size is not None:
         from builder.errors import RecipeError

@@ -2,7 +2,6 @@
 a full cache disk (issue 9 item 8), and InRelease freshness (issue 9 item 10)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import TREES, Cache, list_entries, prune
+from builder.cache import TREES, Cache
+from builder.cache_admin import list_entries, prune
 from builder.debian.archive import DebianArchive
 from builder.errors import ArmvmError, SourceError
 from builder.sources import Fetcher
