@@ -191,6 +191,9 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
                 write_lock(lock_path(recipe), archive.make_lock(timestamp))
                 outputs.append(lock_path(recipe))
             return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
+        except OSError as exc:
+            from builder.output import disk_full_error
+            raise disk_full_error(exc, work) from None   # ENOSPC/EDQUOT/EFBIG: a clean error
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -12,12 +12,14 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
 from builder.errors import ArmvmError
 
 BMAP_BLOCK = 4096
+LEGACY_STALE_SECONDS = 24 * 3600
 
 
 def mapped_ranges(path: Path) -> Iterator[Tuple[int, int]]:
@@ -118,6 +120,19 @@ def _space_error(folder: Path, what: str, needed: int, exc: OSError) -> ArmvmErr
                       "there (free space or choose another folder with -o)")
 
 
+def disk_full_error(exc: OSError, work: Path) -> BaseException:
+    """A full disk anywhere in a build (e.g. the initramfs in the work folder) as a clean
+    error naming the file's folder; any other OSError is returned unchanged."""
+    if exc.errno not in DISK_FULL:
+        return exc
+    where = Path(exc.filename).parent if getattr(exc, "filename", None) else work.parent
+    why = ("the file size limit (ulimit -f) was reached" if exc.errno == errno.EFBIG
+           else exc.strerror or "no space left on device")
+    return ArmvmError(f"{where}: {why} while building; free space there or choose another "
+                      "output folder with -o (ARMVM_CACHE_DIR for the cache); nothing was "
+                      "published")
+
+
 def _mib(n: int) -> str:
     return f"{max(n, 0) / (1 << 20):.1f} MiB"
 
@@ -208,6 +223,24 @@ class Staging:
                     pass
             finally:
                 os.close(fd)
+        return removed + self._sweep_legacy(names)
+
+    def _sweep_legacy(self, names: List[str]) -> List[str]:
+        """Leftovers of builds before the lock scheme (random mkstemp names, no lock to
+        ask): removed once older than a day, when no build can still be writing them."""
+        legacy = re.compile(rf"\.{re.escape(self.name)}\.(?:(?:failed\.)?raw|manifest\.json|"
+                            r"(?:failed\.)?verify\.json|bmap|raw\.sha256|vmlinuz|initrd|"
+                            r"cmdline)\.[a-z0-9_]{8}\.tmp|"
+                            rf"\.{re.escape(self.name)}\.work-[a-z0-9_]{{8}}")
+        removed, old = [], time.time() - LEGACY_STALE_SECONDS
+        for other in names:
+            if legacy.fullmatch(other):
+                try:
+                    if os.lstat(self.out_dir / other).st_mtime < old:
+                        _remove(self.out_dir / other)
+                        removed.append(other)
+                except OSError:
+                    pass
         return removed
 
     # --- temporary outputs ---------------------------------------------------------------

@@ -122,6 +122,26 @@ def test_sigkill_leftovers_swept_by_next_build_live_ones_kept(tmp_path):
         "demo.bmap", "demo.manifest.json", "demo.raw", "demo.verify.json"]
 
 
+def test_legacy_leftovers_swept_once_a_day_old(tmp_path):
+    """Temp files of builds before the lock scheme carry no token: swept when a day old."""
+    out = tmp_path / "out"
+    out.mkdir()
+    old, fresh = out / ".demo.raw.ab_cd123.tmp", out / ".demo.raw.zz_zz999.tmp"
+    work = out / ".demo.work-q1w2e3r4"
+    other = out / ".demo2.raw.ab_cd123.tmp"
+    for p in (old, fresh, other):
+        p.write_bytes(b"x")
+    work.mkdir()
+    (work / "grub.cfg").write_text("x")
+    day_ago = os.stat(old).st_mtime - 2 * 86400
+    for p in (old, work, other):
+        os.utime(p, (day_ago, day_ago))
+    s = Staging(out, "demo")
+    s.close()
+    assert sorted(s.swept) == [old.name, work.name]
+    assert fresh.exists() and other.exists() and not old.exists() and not work.exists()
+
+
 def test_file_size_limit_is_a_clean_error(tmp_path):
     """RLIMIT_FSIZE (EFBIG, no root needed): the 512 MiB sparse image cannot be sized."""
     recipe = efi_recipe(tmp_path)
@@ -171,3 +191,26 @@ def test_disk_full_output_folder(tmp_path, small_tmpfs):
     assert f"{out}: No space left on device while writing the image" in r.stderr, r.stderr
     assert "MiB of free space" in r.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # nothing half-written
+
+
+def test_disk_full_anywhere_in_a_build_is_clean(tmp_path, monkeypatch):
+    """ENOSPC from any stage (here: writing the initramfs into the work folder) becomes a
+    clean error naming the folder; other OSErrors stay what they are."""
+    import errno
+    from builder import build as buildmod
+    from builder.errors import ArmvmError
+
+    def full(ctx):
+        raise OSError(errno.ENOSPC, "No space left on device", str(ctx.work / "initrd.img"))
+    monkeypatch.setattr(buildmod, "gather", full)
+    recipe = efi_recipe(tmp_path)
+    with pytest.raises(ArmvmError) as err:
+        build(recipe, opts(tmp_path))
+    assert f"{tmp_path / 'out'}: No space left on device while building" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+    def broken(ctx):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(buildmod, "gather", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        build(recipe, opts(tmp_path))
