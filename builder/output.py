@@ -125,7 +125,9 @@ def disk_full_error(exc: OSError, work: Path) -> BaseException:
     error naming the file's folder; any other OSError is returned unchanged."""
     if exc.errno not in DISK_FULL:
         return exc
-    where = Path(exc.filename).parent if getattr(exc, "filename", None) else work.parent
+    where = Path(exc.filename).parent if getattr(exc, "filename", None) else work
+    if where == work or work in where.parents:
+        where = work.parent                      # the output folder, not our scratch one
     why = ("the file size limit (ulimit -f) was reached" if exc.errno == errno.EFBIG
            else exc.strerror or "no space left on device")
     return ArmvmError(f"{where}: {why} while building; free space there or choose another "
