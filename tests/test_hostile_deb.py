@@ -211,3 +211,47 @@ def test_fuzz_deb_reader_bounded_memory(tmp_path):
     from tests.limits import ROOT
     r = run_limited(FUZZ, mem_mib=640, cpu_s=300, args=[ROOT, 300])
     assert r.returncode == 0 and "fuzz ok" in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
+def test_lock_and_vendor_folder_deliver_the_bomb_cli(tmp_path, zeros_frame):
+    """The issue's delivery path: a recipe, a lock pinning the bomb's sha256 and a
+    --vendor folder holding it; `armvm-build --offline` refuses it cleanly, in bounded
+    memory, and publishes nothing."""
+    import hashlib
+    import json as _json
+    from builder.lock import Lock, LockedPackage, write_lock
+    from tests.fixtures import efi_recipe
+    work = tmp_path / "bomb"
+    work.mkdir()
+    deb = _real_deb(work, _zstd_bomb(work, _header(tarfile.GNUTYPE_LONGNAME, BOMB_BYTES),
+                                     zeros_frame))
+    recipe = efi_recipe(tmp_path, extra_files="        - {package: busybox-static, path: "
+                                              "usr/bin/busybox, dest: busybox}\n")
+    recipe.write_text(recipe.read_text().replace("arch: aarch64\n",
+                                                 "arch: aarch64\ndebian: {suite: trixie}\n"))
+    filename = "pool/main/b/busybox/busybox-static_1.37.0-6_arm64.deb"
+    blob = deb.read_bytes()
+    write_lock(recipe.with_suffix(".lock"), Lock(
+        source_date_epoch=1_700_000_000, mirror="http://mirror.invalid/debian",
+        snapshot_mirror=None, suite="trixie", packages={"busybox-static": LockedPackage(
+            "busybox-static", "1:1.37.0-6", filename, hashlib.sha256(blob).hexdigest(),
+            len(blob), "arm64", "")}))
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    (vendor / Path(filename).name).write_bytes(blob)
+    out = tmp_path / "out"
+    r = run_limited("""
+import sys
+from builder.cli import main
+sys.argv = ["armvm-build", "build", "--offline", "--json", "--vendor", sys.argv[1],
+            sys.argv[2], "-o", sys.argv[3]]
+main()
+""", mem_mib=512, cpu_s=60, args=[vendor, recipe, out],
+        env=dict(__import__("os").environ, ARMVM_CACHE_DIR=str(tmp_path / "cache")))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    result = _json.loads(r.stdout)
+    assert "GNU long-name header declares 1610612736 bytes" in result["error"]
+    assert len(r.stdout) + len(r.stderr) < 2000
+    assert list(out.iterdir()) == []                                 # not even a temp file
+    assert not list((tmp_path / "cache").glob("trees-v2/*"))          # cache not poisoned
