@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from builder.cache import STAMP, TMP_STALE_SECONDS, TREES, _rmtree
+
+_DERIVED_RE = re.compile(r"^(?:deb|debidx1)-([0-9a-f]{64})$")
 
 
 @dataclass
@@ -111,43 +114,69 @@ def _remove_entry(root: Path, entry: Entry) -> bool:
             os.close(fd)
 
 
+def _groups(entries: list[Entry]) -> list[list[Entry]]:
+    """Entries pruned together: a .deb or Packages blob with the tree made from it (a
+    build takes both: a tree without its blob could neither be re-checked nor rebuilt
+    offline), everything else alone; least recently used group first."""
+    blobs = {e.key: e for e in entries if e.kind == "blob"}
+    groups, taken = [], set()
+    for e in entries:
+        if e.kind == "tree":
+            m = _DERIVED_RE.match(e.key)
+            blob = blobs.get(m.group(1)) if m else None
+            if blob is not None and id(blob) not in taken:
+                groups.append([e, blob])
+                taken.update((id(e), id(blob)))
+    groups += [[e] for e in entries if id(e) not in taken]
+    groups.sort(key=lambda g: max(e.last_used for e in g))
+    return groups
+
+
 def prune(root: Path, *, older_than_days: Optional[float] = None,
           max_size: Optional[int] = None, dry_run: bool = False,
           now: Optional[float] = None) -> dict:
     """Remove entries unused for more than ``older_than_days``, then the least recently
-    used ones until the cache holds at most ``max_size`` bytes. Entries a running build
-    holds (shared flock) are skipped whatever their age; tmp/ leftovers go when older
-    than a day. Returns what was removed, kept and freed."""
+    used ones until the cache holds at most ``max_size`` bytes; a blob and the tree made
+    from it go together (the later of their last uses counts). Entries a running build
+    holds (shared flock) are skipped whatever their age, with their group; tmp/ leftovers
+    go when older than a day. Returns what was removed, kept and freed."""
     root = Path(root)
     now = time.time() if now is None else now
     entries = list_entries(root)
     if entries:
         (root / "tmp").mkdir(parents=True, exist_ok=True)
     total = sum(e.size for e in entries)
-    removed, busy, freed = [], [], 0
+    removed: list[Entry] = []
+    busy: list[Entry] = []
+    freed = 0
+    done: set[int] = set()
 
-    def drop(e: Entry) -> None:
+    def drop(group: list[Entry]) -> None:
         nonlocal total, freed
-        if dry_run or _remove_entry(root, e):
-            removed.append(e)
-            total -= e.size
-            freed += e.size
-        else:
-            busy.append(e)
+        done.update(id(e) for e in group)
+        for e in group:                  # the tree first: it is what a build holds longest
+            if dry_run or _remove_entry(root, e):
+                removed.append(e)
+                total -= e.size
+                freed += e.size
+            else:
+                busy.extend(group[group.index(e):])
+                return
 
-    for e in entries:
-        if e.kind == "tmp":
-            if now - e.last_used > TMP_STALE_SECONDS:
-                drop(e)
-        elif older_than_days is not None and now - e.last_used > older_than_days * 86400:
-            drop(e)
+    groups = _groups(entries)
+    for g in groups:
+        used = max(e.last_used for e in g)
+        if g[0].kind == "tmp":
+            if now - used > TMP_STALE_SECONDS:
+                drop(g)
+        elif older_than_days is not None and now - used > older_than_days * 86400:
+            drop(g)
     if max_size is not None:
-        done = {id(e) for e in removed + busy}
-        for e in entries:                            # least recently used first
+        for g in groups:                             # least recently used first
             if total <= max_size:
                 break
-            if id(e) not in done and e.kind != "tmp":
-                drop(e)
+            if not any(id(e) in done for e in g) and g[0].kind != "tmp":
+                drop(g)
     return {"root": str(root), "removed": [e.to_json() for e in removed],
             "busy": [e.to_json() for e in busy], "freed_bytes": freed,
             "remaining_bytes": total, "dry_run": dry_run}

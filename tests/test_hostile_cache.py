@@ -286,3 +286,23 @@ def test_rollback_to_an_older_inrelease_is_refused(debrepo, tmp_path, monkeypatc
         make(debrepo, tmp_path / "c", now=NOW).resolve("busybox-static")
     monkeypatch.setenv("ARMVM_IGNORE_VALID_UNTIL", "1")
     assert make(debrepo, tmp_path / "c", now=NOW).resolve("busybox-static")
+
+
+def test_prune_keeps_a_blob_and_its_tree_together(tmp_path):
+    """A .deb blob and the tree extracted from it are one unit: the later last use counts,
+    and they go together (an offline build needs both)."""
+    root = tmp_path / "c"
+    cache = Cache(root)
+    path, sha = cache.put_stream([b"deb" * 1000], None, what="x.deb")
+    cache.put_tree(f"deb-{sha}", lambda d: (d / "f").write_text("x"), source=sha)
+    lone, _ = cache.put_stream([b"lone" * 1000], None, what="y")
+    cache.close()
+    old = time.time() - 40 * 86400
+    os.utime(path, (old, old))                       # the blob is old, its tree fresh
+    os.utime(lone, (old, old))
+    result = prune(root, older_than_days=30)
+    assert [e["kind"] for e in result["removed"]] == ["blob"] and path.exists()
+    os.utime(root / TREES / f"deb-{sha}" / "stamp.json", (old, old))
+    result = prune(root, older_than_days=30)
+    assert sorted(e["kind"] for e in result["removed"]) == ["blob", "tree"]
+    assert list_entries(root) == []
