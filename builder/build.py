@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +193,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
     seed = recipe.seed or recipe.digest
     out_dir = Path(options.output_dir)
     with Staging(out_dir, recipe.name) as staging:
-        work = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.work-", dir=out_dir))
+        work = staging.work_dir()
         try:
             ctx = Context(recipe, fetcher, work, timestamp, archive=archive, index_dir=cache.root / "kernel-index",
                           progress=progress)
@@ -215,14 +214,16 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
             report_json = canonical_json(report.to_json())
             ok = report.exit_code() == 0
             if not ok:
+                # published under its own names (temp + rename): the good image's report stays
                 failed = out_dir / f"{recipe.name}.failed.raw"
-                os.replace(image_tmp, failed)
-                staging.discard()
-                (out_dir / f"{recipe.name}.verify.json").write_text(report_json)
+                staging.retarget(image_tmp, failed.name)
+                staging.write_text(f"{recipe.name}.failed.verify.json", report_json)
+                outputs = staging.commit()
                 bad = ", ".join(ch.id for ch in report.checks if ch.level == "MUST" and ch.result == "fail")
-                return BuildResult(False, recipe.name, failed, [failed], ctx.stages, report,
+                return BuildResult(False, recipe.name, failed, outputs, ctx.stages, report,
                                    f"the image fails MUST checks ({bad}); kept as {failed} with "
-                                   f"{recipe.name}.verify.json; the earlier {recipe.name}.raw is untouched")
+                                   f"{recipe.name}.failed.verify.json; the earlier {recipe.name}.raw "
+                                   "and its reports are untouched")
             with ctx.stage("outputs"):
                 manifest = {
                     "tool": {"name": "armvm-build", "version": __version__},
@@ -248,6 +249,9 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                 write_lock(lock_path(recipe, options), archive.make_lock(timestamp))
                 outputs.append(lock_path(recipe, options))
             return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
+        except OSError as exc:
+            from builder.output import disk_full_error
+            raise disk_full_error(exc, work) from None   # ENOSPC/EDQUOT/EFBIG: a clean error
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

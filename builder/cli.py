@@ -314,6 +314,75 @@ def vendor_cmd(recipe: Path = typer.Argument(..., help="The recipe (its lock mus
     typer.echo(f"exported {len(paths)} file(s) to {dest}")
 
 
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="List or prune the download and extraction cache "
+                             "($ARMVM_CACHE_DIR, else $XDG_CACHE_HOME/armvm-build, else ~/.cache/armvm-build).")
+app.add_typer(cache_app, name="cache")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+@cache_app.command("list")
+def cache_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable list on stdout.")):
+    """Every cached blob and tree with its size and last use, least recently used first."""
+    import time as _time
+    from builder.cache import default_cache_root
+    from builder.cache_admin import list_entries
+    root = default_cache_root()
+    entries = list_entries(root)
+    total = sum(e.size for e in entries)
+    if as_json:
+        typer.echo(json.dumps({"root": str(root), "total_bytes": total,
+                               "entries": [e.to_json() for e in entries]}, indent=2))
+        return
+    typer.echo(f"cache {root}: {len(entries)} entries, {_mib(total)}")
+    for e in entries:
+        used = _time.strftime("%Y-%m-%d %H:%M", _time.gmtime(e.last_used))
+        typer.echo(f"  {e.kind:<12} {_mib(e.size):>11}  {used}Z  {e.key}")
+
+
+@cache_app.command("prune")
+def cache_prune(older_than: Optional[float] = typer.Option(None, "--older-than", metavar="DAYS",
+                                                           help="Remove entries unused for more than DAYS days."),
+                max_size: Optional[str] = typer.Option(None, "--max-size", metavar="SIZE",
+                                                       help="Then remove the least recently used entries until the "
+                                                            "cache holds at most SIZE (e.g. 500MiB, 2GiB)."),
+                dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+                as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
+    """Remove cache entries by age of last use and/or total size. Entries a running build holds
+    are never removed; with no option, entries unused for 30 days go."""
+    from builder.cache import default_cache_root
+    from builder.cache_admin import prune
+    limit = None
+    if max_size is not None:
+        from builder.errors import RecipeError
+        from builder.recipe_validate import parse_size
+        try:
+            limit = parse_size(max_size)
+        except RecipeError as err:
+            raise typer.BadParameter(err.allowed or str(err), param_hint="--max-size")
+    if older_than is not None and older_than < 0:
+        raise typer.BadParameter("use a number of days >= 0", param_hint="--older-than")
+    if older_than is None and limit is None:
+        older_than = 30.0
+    try:
+        result = prune(default_cache_root(), older_than_days=older_than, max_size=limit, dry_run=dry_run)
+    except OSError as err:
+        _fail(ArmvmError(f"cannot prune the cache: {err.strerror or err}"), as_json)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"{verb} {len(result['removed'])} entries ({_mib(result['freed_bytes'])}); "
+               f"{_mib(result['remaining_bytes'])} remain in {result['root']}")
+    for e in result["removed"]:
+        typer.echo(f"  {e['kind']:<12} {_mib(e['bytes']):>11}  {e['key']}")
+    if result["busy"]:
+        typer.echo(f"kept {len(result['busy'])} entries a running build holds")
+
+
 @app.command()
 def schema():
     """Print the recipe JSON Schema (for editors)."""

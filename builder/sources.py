@@ -83,12 +83,15 @@ class Fetcher:
 
     def blob(self, sha256: str, urls: Sequence[str] | Callable[[], Sequence[str]], *, what: str,
              origin: str | None = None, names: Sequence[str] = (), size: int | None = None,
-             hint: str = "", offline: bool = False) -> Artifact:
+             hint: str = "", offline: bool = False, verify: bool = True) -> Artifact:
         """A file with a known hash: cache, then vendor dirs (by ``names``), then ``urls``
         in order (the next URL is tried only when the previous one answers 404/410).
-        ``urls`` may be a callable, called only when the network is actually needed."""
+        ``urls`` may be a callable, called only when the network is actually needed.
+        A cached copy is re-hashed first (the cache trusts nothing it finds) unless
+        ``verify=False``: then the caller must hash the file before using its bytes."""
         origin = origin or what
-        path = self.cache.blob(sha256)
+        seen = len(self.cache.problems)
+        path = self.cache.blob(sha256, verify=verify)
         if path is not None:
             return Artifact(path, sha256, path.stat().st_size, origin)
         found = self._from_vendor(sha256, names, size)
@@ -100,14 +103,17 @@ class Fetcher:
         if offline or not urls:
             where = ", ".join(str(d) for d in self.vendor_dirs) or "no vendor directory given"
             why = "offline mode" if offline else "no download URL"
+            corrupt = "".join(f"; {p}" for p in self.cache.problems[seen:])
             raise SourceError(f"{what}: not in the cache ({self.cache.root}) nor in a vendor "
-                              f"directory ({where}), and {why}" + (f"; {hint}" if hint else ""))
+                              f"directory ({where}), and {why}{corrupt}"
+                              + (f"; {hint}" if hint else ""))
         last: SourceError | None = None
         for url in urls:  # type: ignore[union-attr]
             try:
                 path, _ = self._request(
                     url, what=what, limit=size,
-                    consume=lambda chunks: self.cache.put_stream(chunks, sha256, what=what))
+                    consume=lambda chunks: self.cache.put_stream(chunks, sha256, what=what,
+                                                                 size=size))
             except NotFound as e:
                 last = e
                 continue

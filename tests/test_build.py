@@ -217,8 +217,10 @@ def test_image_failing_a_must_is_kept_as_failed_and_good_one_untouched(tmp_path)
     assert not res.ok
     assert "boot.kernel" in res.message
     assert (tmp_path / "out" / "demo.failed.raw").exists()
-    report = json.loads((tmp_path / "out" / "demo.verify.json").read_text())
+    report = json.loads((tmp_path / "out" / "demo.failed.verify.json").read_text())
     assert any(c["id"] == "boot.kernel" and c["result"] == "fail" for c in report["checks"])
+    good_report = json.loads((tmp_path / "out" / "demo.verify.json").read_text())
+    assert not any(c["result"] == "fail" for c in good_report["checks"])   # the good one's
     assert good.image.read_bytes() == before
 
 

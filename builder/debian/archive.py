@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from builder.cache import check_sha256
+from builder.cache import check_sha256, sha256_file
 from builder.debian.deb import extract_deb
 from builder.debian.index import INDEX_FORMAT, Index, build_index
 from builder.debian.mirror import find_mirror
@@ -82,6 +82,33 @@ def verify_inrelease(data: bytes, keyring: Path) -> bytes:
             return f.read()
 
 
+def _parse_date(value, url: str, field: str) -> float | None:
+    """An RFC 2822 date of a Release file as seconds since 1970 (None when absent)."""
+    if value in (None, ""):
+        return None
+    from email.utils import parsedate_to_datetime
+    try:
+        return parsedate_to_datetime(str(value).strip()).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise ArmvmError(f"{url}: field {field}: {str(value)[:80]!r} is not a date (allowed: "
+                         "RFC 2822, e.g. 'Sat, 21 Nov 2026 09:15:44 UTC')") from None
+
+
+def _release_date(inrelease: bytes) -> float | None:
+    m = re.search(rb"(?m)^Date:[ \t]*(.+?)[ \t]*$", inrelease[:MAX_INRELEASE])
+    if not m:
+        return None
+    try:
+        return _parse_date(m.group(1).decode("ascii", "replace"), "", "Date")
+    except ArmvmError:
+        return None
+
+
+def _http_date(t: float) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
 def kernel_dependency(depends: str) -> str | None:
     """The linux-image-* a meta-package depends on (a versioned one preferred)."""
     names = [alt.strip().split(" ", 1)[0].split("(", 1)[0].split(":", 1)[0]
@@ -94,7 +121,7 @@ def kernel_dependency(depends: str) -> str | None:
 class DebianArchive:
     def __init__(self, fetcher: Fetcher, *, mirror: str | None, suite: str,
                  components: Sequence[str], arch: str, keyring: Path | None = None,
-                 lock: Lock | None = None, offline: bool = False):
+                 lock: Lock | None = None, offline: bool = False, now=None):
         for what, value in [("suite", suite), ("arch", arch)] + \
                 [("component", c) for c in components]:
             if not isinstance(value, str) or not _WORD_RE.match(value) or ".." in value:
@@ -111,8 +138,10 @@ class DebianArchive:
         self.offline = offline or fetcher.offline
         self._mirror_arg, self._mirror = mirror, None
         self._release: dict | None = None
+        self._now = now                      # seconds since 1970 for Valid-Until (tests)
         self._indexes: dict[tuple[str, str], Index | None] = {}
         self._pinned: dict[str, DebPackage] = {}
+        self._fetched: dict[str, DebPackage] = {}
 
     # --- mirror and release ----------------------------------------------------------
     @property
@@ -133,7 +162,7 @@ class DebianArchive:
         check_keyring(self.keyring)              # before any download
         if self.offline:
             sha = self.cache.get_ref(ref)
-            path = self.cache.blob(sha) if sha else None
+            path = self.cache.blob(sha, verify=True) if sha else None
             if path is None:
                 raise SourceError(f"{url}: offline and no InRelease of '{self.suite}' is cached "
                                   "for this mirror; run once online, or build with a lock "
@@ -143,11 +172,46 @@ class DebianArchive:
             data = self.fetcher.get_bytes(url, what=f"InRelease of {self.suite}",
                                           limit=MAX_INRELEASE)
         text = verify_inrelease(data, self.keyring)
+        release = self._parse_release(text, url)
         if not self.offline:
+            # freshness only for metadata fetched now: lock and offline builds never look at
+            # the clock, so their bytes cannot depend on it
+            self._check_fresh(release, url, self.cache.get_ref(ref))
             _, sha = self.cache.put_stream([data], None, what=url)
             self.cache.set_ref(ref, sha)
-        self._release = self._parse_release(text, url)
+        self._release = release
         return self._release
+
+    def _check_fresh(self, release: dict, url: str, previous_sha: str | None) -> None:
+        """Refuse a replayed archive state: an InRelease past its Valid-Until (Debian's
+        -security and -updates suites carry one; trixie and bookworm themselves do not),
+        or, for any suite, one older than the InRelease this cache verified before.
+        ARMVM_IGNORE_VALID_UNTIL=1 allows both (for snapshot mirrors)."""
+        if os.environ.get("ARMVM_IGNORE_VALID_UNTIL", "") not in ("", "0"):
+            return
+        import time
+        now = self._now if self._now is not None else time.time()
+        until = release.get("valid_until")
+        if until is not None and now > until:
+            raise SourceError(
+                f"{url}: expired: Valid-Until {_http_date(until)} is past (now "
+                f"{_http_date(now)}); the mirror may be replaying an old archive state with "
+                "known vulnerabilities. Use an up-to-date mirror, or set "
+                "ARMVM_IGNORE_VALID_UNTIL=1 when you mean a snapshot mirror")
+        date = release.get("date")
+        previous = self.cache.blob(previous_sha, verify=True) if previous_sha else None
+        if date is None or previous is None:
+            return
+        try:
+            seen = _release_date(previous.read_bytes())
+        except OSError:
+            return
+        if seen is not None and date < seen:
+            raise SourceError(
+                f"{url}: signed on {_http_date(date)}, older than the InRelease of "
+                f"{_http_date(seen)} this cache verified before; the mirror may be replaying "
+                "an old archive state. Use an up-to-date mirror, or set "
+                "ARMVM_IGNORE_VALID_UNTIL=1 when you mean a snapshot mirror")
 
     def _parse_release(self, text: bytes, url: str) -> dict:
         from debian.deb822 import Release
@@ -174,6 +238,8 @@ class DebianArchive:
         # Debian lists Architecture: all packages in every binary-<arch> index too
         all_inline = "Packages" in release.get("No-Support-for-Architecture-all", "").split()
         return {"files": files, "arches": arches,
+                "date": _parse_date(release.get("Date"), url, "Date"),
+                "valid_until": _parse_date(release.get("Valid-Until"), url, "Valid-Until"),
                 "index_arches": [self.arch] if all_inline else [self.arch, "all"],
                 "by_hash": release.get("Acquire-By-Hash", "").strip().lower() == "yes"}
 
@@ -195,11 +261,12 @@ class DebianArchive:
             return None
         suffix, sha, size = entry
         key = f"{INDEX_FORMAT}-{sha}"
-        tree = self.cache.tree(key)
+        tree = self.cache.tree(key, source=sha)
         if tree is None:
             if not fetch:
                 return None
-            tree = self.cache.put_tree(key, lambda d: self._build(d, component, arch, entry))
+            tree = self.cache.put_tree(key, lambda d: self._build(d, component, arch, entry),
+                                       source=sha)
         index = self._indexes[(component, arch)] = Index(tree / "packages.sqlite")
         return index
 
@@ -296,7 +363,11 @@ class DebianArchive:
                          f"{pkg.depends or 'none'})")
 
     # --- files -----------------------------------------------------------------------
-    def fetch(self, pkg: DebPackage) -> Artifact:
+    def fetch(self, pkg: DebPackage, *, verify: bool = False) -> Artifact:
+        """The .deb file. A cached copy is not re-hashed here (``verify=False``): its bytes
+        are used only through ``extract``, which re-hashes it before extracting and
+        otherwise uses the stamped tree, so a warm build hashes no .deb."""
+        self._fetched[pkg.sha256] = pkg
         def urls() -> list[str]:
             if self.lock is not None:
                 return locked_urls(self.lock, pkg.filename, self.mirror)
@@ -311,17 +382,34 @@ class DebianArchive:
         return self.fetcher.blob(pkg.sha256, urls, what=f"{pkg.filename} ({pkg.name} "
                                  f"{pkg.version})", origin=f"debian:{pkg.name}={pkg.version}",
                                  names=[os.path.basename(pkg.filename)], size=pkg.size,
-                                 hint=hint, offline=self.offline)
+                                 hint=hint, offline=self.offline, verify=verify)
 
     def extract(self, pkg_or_artifact: Union[DebPackage, Artifact]) -> Path:
-        """The package's extracted data tree, cached by the .deb's sha256."""
-        key = f"deb-{pkg_or_artifact.sha256}"
-        tree = self.cache.tree(key)
+        """The package's extracted data tree, cached by the .deb's sha256 and checked
+        against its stamp on every use. The .deb is re-hashed before it is extracted; a
+        corrupt cached copy is fetched again (online) or named in the error (offline)."""
+        sha = pkg_or_artifact.sha256
+        key = f"deb-{sha}"
+        tree = self.cache.tree(key, source=sha)
         if tree is not None:
             return tree
-        art = self.fetch(pkg_or_artifact) if isinstance(pkg_or_artifact, DebPackage) \
-            else pkg_or_artifact
-        return self.cache.put_tree(key, lambda d: extract_deb(art.path, d))
+        pkg = pkg_or_artifact if isinstance(pkg_or_artifact, DebPackage) \
+            else self._fetched.get(sha)
+        if isinstance(pkg_or_artifact, Artifact) and \
+                pkg_or_artifact.path != self.cache._blob_path(sha):
+            art = pkg_or_artifact                      # a vendor file: hash it here
+            try:
+                got = sha256_file(art.path)[0]
+            except OSError as e:
+                raise SourceError(f"{art.path}: cannot read: {e.strerror}") from None
+            if got != sha:
+                raise SourceError(f"{art.path}: sha256 is {got}, expected {sha} (the file "
+                                  "changed after it was checked); refusing to extract it")
+        elif pkg is not None:
+            art = self.fetch(pkg, verify=True)         # the cached copy re-hashed
+        else:
+            art = self.fetcher.blob(sha, [], what=str(pkg_or_artifact.path), verify=True)
+        return self.cache.put_tree(key, lambda d: extract_deb(art.path, d), source=sha)
 
     def pinned(self) -> list[DebPackage]:
         return [self._pinned[n] for n in sorted(self._pinned)]

@@ -112,7 +112,19 @@ def build_index(packages_file: Path, compression: str, dest: Path, max_bytes: in
                 if virtual:
                     provides.add((virtual, name))
     import sqlite3
-    db = sqlite3.connect(str(dest / "packages.sqlite"))
+    try:
+        _write_sqlite(dest / "packages.sqlite", best, provides)
+    except sqlite3.Error as e:
+        full = "full" in str(e) or "disk I/O" in str(e)
+        raise ArmvmError(f"{what}: cannot write its index in {dest}: {e}"
+                         + ("; free space there, run `armvm-build cache prune`, or set "
+                            "ARMVM_CACHE_DIR to a larger disk (the index takes about "
+                            f"{len(best) * 300 / (1 << 20):.0f} MiB)" if full else "")) from None
+
+
+def _write_sqlite(path: Path, best: dict, provides: set) -> None:
+    import sqlite3
+    db = sqlite3.connect(str(path))
     try:
         db.execute("PRAGMA journal_mode = OFF")
         db.execute("CREATE TABLE packages (name TEXT PRIMARY KEY, version TEXT, architecture "

@@ -15,6 +15,15 @@ from typing import Callable, Optional
 MAX_CFG = 1 << 20
 MAX_DEPTH = 4            # configfile/source nesting
 MAX_COMMANDS = 100000
+# A grub.cfg from an untrusted image can double a variable per line (2^40 bytes in 40
+# lines) or source itself in a loop: cap every expanded word, the variable table, the sum
+# of all expansions, the menu entries and the config text read, then stop with a problem.
+MAX_VALUE = 64 * 1024    # one expanded word or variable value
+MAX_VARS = 1024          # variables set
+MAX_EXPANDED = 16 << 20  # all expansions of one evaluation together
+MAX_ENTRIES = 1000       # menu entries evaluated
+MAX_READ = 4 << 20       # config text lexed, configfile/source included
+MAX_PROBLEMS = 50
 SQ_DOLLAR = "\x01"       # a '$' from single quotes: never expanded
 VAR_RE = re.compile(r"\$(?:\{([A-Za-z0-9_?#]+)\}|([A-Za-z_][A-Za-z0-9_]*|[0-9#?]))")
 KERNEL_CMDS = ("linux", "linuxefi", "linux16")
@@ -152,11 +161,56 @@ class _Eval:
         self.env = {"root": esp_dev, "prefix": f"({esp_dev}){prefix}",
                     "cmdpath": f"({esp_dev})/EFI/BOOT"}
         self.entries, self.count = [], 0
+        self.expanded, self.read_bytes, self.stopped = 0, 0, False
+
+    def problem(self, text: str) -> None:
+        if text not in self.out.problems and len(self.out.problems) < MAX_PROBLEMS:
+            self.out.problems.append(text)
+
+    def stop(self, why: str) -> None:
+        self.problem(f"grub.cfg evaluation stopped: {why}")
+        self.stopped = True
 
     def expand(self, word: str) -> str:
-        def sub(m):
-            return self.env.get(m.group(1) or m.group(2), "")
-        return VAR_RE.sub(sub, word).replace(SQ_DOLLAR, "$")
+        """``word`` with $var / ${var} replaced, built piece by piece so that no value
+        longer than MAX_VALUE is ever allocated."""
+        if self.stopped:
+            return word.replace(SQ_DOLLAR, "$")[:MAX_VALUE]
+        parts, n, pos = [], 0, 0
+        for m in VAR_RE.finditer(word):
+            lit = word[pos:m.start()]
+            value = self.env.get(m.group(1) or m.group(2), "")
+            n += len(lit) + len(value)
+            if n > MAX_VALUE:
+                self.problem(f"a word expands to more than {MAX_VALUE} bytes; cut there")
+                parts.append((lit + value)[:MAX_VALUE - (n - len(lit) - len(value))])
+                pos = len(word)
+                n = MAX_VALUE
+                break
+            parts += [lit, value]
+            pos = m.end()
+        tail = word[pos:][:max(0, MAX_VALUE - n)]
+        parts.append(tail)
+        n += len(tail)
+        self.expanded += n
+        if self.expanded > MAX_EXPANDED:
+            self.stop(f"variable expansions exceed {MAX_EXPANDED} bytes in all")
+        return "".join(parts).replace(SQ_DOLLAR, "$")
+
+    def setvar(self, name: str, value: str) -> None:
+        if name not in self.env and len(self.env) >= MAX_VARS:
+            self.problem(f"more than {MAX_VARS} variables; '{name[:40]}' and later ones ignored")
+            return
+        self.env[name[:256]] = value[:MAX_VALUE]
+
+    def lex_text(self, text: str) -> list:
+        """Commands of a config, counting what is read against MAX_READ."""
+        text = text[:MAX_CFG]
+        self.read_bytes += len(text)
+        if self.read_bytes > MAX_READ:
+            self.stop(f"more than {MAX_READ} bytes of configuration read (configfile/source)")
+            return []
+        return parse(lex(text))
 
     def device(self, dev: str) -> str:
         dev = dev.strip().strip("()")
@@ -175,6 +229,8 @@ class _Eval:
         for item in body:
             self.count += 1
             if self.count > MAX_COMMANDS:
+                self.stop(f"more than {MAX_COMMANDS} commands")
+            if self.stopped:
                 return
             if isinstance(item, Block):
                 self.block(item, depth, collect)
@@ -189,6 +245,9 @@ class _Eval:
             ids = [self.expand(blk.head[i + 1]) for i, w in enumerate(blk.head[:-1])
                    if w == "--id"]
             if kind == "menuentry":
+                if len(self.entries) >= MAX_ENTRIES:
+                    self.problem(f"more than {MAX_ENTRIES} menu entries; later ones ignored")
+                    return
                 self.entries.append((title, ids, blk.body))
             else:
                 self.run(blk.body, depth, collect)
@@ -199,7 +258,7 @@ class _Eval:
         cmd = w[0]
         if cmd == "set" and len(w) > 1 and "=" in w[1]:
             k, v = w[1].split("=", 1)
-            self.env[k] = self.expand(v)
+            self.setvar(k, self.expand(v))
         elif cmd == "search" or cmd.startswith("search."):
             self.search(cmd, [self.expand(x) for x in w[1:]])
         elif cmd in KERNEL_CMDS + INITRD_CMDS:
@@ -208,24 +267,25 @@ class _Eval:
                 files = files[:1]
             refs = [self.ref(cmd, f) for f in files]
             if not refs:
-                self.out.problems.append(f"'{cmd}' without a file")
+                self.problem(f"'{cmd}' without a file")
             self.out.refs.extend(refs)
             if collect is not None:
                 collect.extend(refs)
         elif cmd in ("configfile", "source") and len(w) > 1:
             r = self.ref(cmd, w[1])
             if not r.on_esp:
-                self.out.elsewhere.append(f"{cmd} {w[1]} ({r.device})")
+                if len(self.out.elsewhere) < MAX_PROBLEMS:
+                    self.out.elsewhere.append(f"{cmd} {w[1][:200]} ({r.device[:200]})")
             elif depth >= MAX_DEPTH:
-                self.out.problems.append(f"'{cmd}' nested deeper than {MAX_DEPTH}")
+                self.problem(f"'{cmd}' nested deeper than {MAX_DEPTH}")
             else:
                 text = self.read(r.path)
                 if text is None:
-                    self.out.problems.append(f"'{cmd} {w[1]}': {r.path} not on the ESP")
+                    self.problem(f"'{cmd} {w[1][:200]}': {r.path[:200]} not on the ESP")
                 else:
                     if cmd == "configfile":
                         self.entries = []
-                    self.run(parse(lex(text[:MAX_CFG])), depth + 1, collect)
+                    self.run(self.lex_text(text), depth + 1, collect)
 
     def search(self, cmd: str, args: list) -> None:
         mode, var, values = "file", "root", []
@@ -255,7 +315,7 @@ class _Eval:
         hit = ((mode == "file" and self.exists(v)) or (mode == "uuid" and v.upper() ==
                self.fs_uuid) or (mode == "label" and v == self.label))
         esp = f"hd0,gpt{self.esp_part}"
-        self.env[var] = esp if hit else f"device found by search --{mode} {v}"
+        self.setvar(var, esp if hit else f"device found by search --{mode} {v[:200]}")
 
 
 def read_grub_cfg(text: str, cfg_path: str, *, esp_part: int, fs_uuid: str, label: str,
@@ -264,13 +324,16 @@ def read_grub_cfg(text: str, cfg_path: str, *, esp_part: int, fs_uuid: str, labe
     out = GrubBoot(cfg_path)
     ev = _Eval(esp_part, fs_uuid, label, exists, read, prefix, out)
     top = []
-    ev.run(parse(lex(text[:MAX_CFG])), 0, top)
+    ev.run(ev.lex_text(text), 0, top)
     entries, per_entry = list(ev.entries), []
     for _, _, body in entries:          # every entry's files must exist, not only the default
         saved, refs = dict(ev.env), []
         ev.run(body, 1, refs)
         ev.env = saved
         per_entry.append(refs)
+        if ev.stopped:
+            per_entry += [[] for _ in range(len(entries) - len(per_entry))]
+            break
     if entries:
         idx = _default(ev, entries)
         out.entry_title, chosen = entries[idx][0], per_entry[idx]
@@ -290,5 +353,5 @@ def _default(ev: _Eval, entries: list) -> int:
         if d and (title == d or d in ids):
             return i
     if d not in ("", "0"):
-        ev.out.problems.append(f"default={d!r} matches no menu entry; using the first")
+        ev.problem(f"default={d[:200]!r} matches no menu entry; using the first")
     return 0
