@@ -20,6 +20,7 @@ GRUB_CFGS = (("/" + spec.ESP_GRUB_CFG, "/" + spec.REMOVABLE_DIR), ("/EFI/debian/
                                                                    "/EFI/debian"))
 UKI_REQUIRED = (".linux", ".initrd", ".cmdline")
 MAX_CFG_FILE = 1 << 20
+MAX_CMDLINE = 4096                     # COMMAND_LINE_SIZE on arm64 is 2048; be generous
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Chain:
     initrd: Optional[Blob] = None
     initrd_note: str = ""              # why there is no initrd
     uname: Optional[str] = None        # kernel version when the chain tells it
+    cmdline: Optional[str] = None      # the kernel command line, when the chain tells it
+    cmdline_from: str = ""             # where it came from (for details)
 
 
 def find_chain(ctx) -> None:
@@ -95,8 +98,9 @@ def _uki(ctx, pe) -> None:
     if cut:
         ctx.set("boot.chain", "fail", "; ".join(cut))
         return
-    cmdline = section_blob(ctx.loader, pe.section(".cmdline")).read_at(0, 200)
+    cmdline = section_blob(ctx.loader, pe.section(".cmdline")).read_at(0, MAX_CMDLINE)
     cmdline = cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+    ch.cmdline, ch.cmdline_from = cmdline, "UKI .cmdline"
     osrel = "" if pe.section(".osrel") else "; no .osrel section"
     ctx.set("boot.chain", "pass", f"UKI: .linux {ch.kernel.size} bytes, .initrd "
                                   f"{ch.initrd.size} bytes, .cmdline '{cmdline[:80]}'{osrel}")
@@ -157,6 +161,9 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
         ch.initrd_note = f"the GRUB entry '{gb.entry_title}' loads no initrd"
     else:
         ch.initrd_note = "an initrd named by grub.cfg is missing or on another device"
+    if gb.kernel is not None:
+        ch.cmdline = grub_cmdline(text, gb)
+        ch.cmdline_from = f"{cfg_path} '{gb.entry_title}'"
     if gb.kernel is not None and gb.kernel.path.rsplit("/", 1)[-1].startswith("vmlinuz-"):
         ch.uname = gb.kernel.path.rsplit("/", 1)[-1][len("vmlinuz-"):]
     probs = "; ".join(gb.problems[:3])
@@ -178,3 +185,37 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
         ctx.set("boot.chain", "pass", f"GRUB reads {cfg_path}; entry '{gb.entry_title}': "
                                       f"linux {gb.kernel.path}, initrd {names}{note}"
                 + (f"; notes: {probs}" if probs else ""))
+
+
+def grub_cmdline(text: str, gb) -> Optional[str]:
+    """The arguments of the ``linux`` line grubcfg chose (variables set at the top level
+    expanded), or None when that line is not in ``text`` (e.g. in a sourced file)."""
+    tree = grubcfg.parse(grubcfg.lex(text[:MAX_CFG_FILE]))
+    env, found, steps = {}, [], [0]
+
+    def expand(w):
+        return grubcfg.VAR_RE.sub(lambda m: env.get(m.group(1) or m.group(2), ""), w) \
+            .replace(grubcfg.SQ_DOLLAR, "$")
+
+    def walk(body, in_entry):
+        for item in body:
+            steps[0] += 1
+            if steps[0] > grubcfg.MAX_COMMANDS:
+                return
+            if isinstance(item, grubcfg.Block):
+                kind = item.head[0] if item.head else ""
+                title = item.head[1] if len(item.head) > 1 else ""
+                walk(item.body, title if kind == "menuentry" else in_entry)
+            elif item and item[0] == "set" and len(item) > 1 and "=" in item[1] \
+                    and in_entry is None:
+                k, v = item[1].split("=", 1)
+                env[k] = expand(v)
+            elif item and item[0] in grubcfg.KERNEL_CMDS:
+                args = [a for a in item[1:] if not a.startswith("--")]
+                if args and args[0] == gb.kernel.raw:
+                    found.append((in_entry, " ".join(expand(a) for a in args[1:])))
+
+    walk(tree, None)
+    chosen = [c for t, c in found if t is not None and expand(t) == gb.entry_title]
+    chosen = chosen or [c for t, c in found if t is None] or [c for _, c in found]
+    return chosen[-1] if chosen else None

@@ -35,6 +35,9 @@ class Context:
     loader_pe: object = None
     chain: object = None                 # chain.Chain
     fat_problems: list = field(default_factory=list)
+    initrd: object = None                # (Initramfs, note) once read; see checks_os
+    parts: object = None                 # probed partitions (checks_root.Part list)
+    kver: object = None                  # (kernel release, where from); see checks_root
     results: dict = field(default_factory=dict)   # check id -> (result, detail)
 
     def set(self, cid: str, result: str, detail: str) -> None:
