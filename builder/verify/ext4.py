@@ -333,8 +333,8 @@ class Ext4:
         """(logical block, physical block, count, initialized) runs, sorted, for the
         blocks below the file size. Holes are absent."""
         nblocks = -(-inode.size // self.block_size)
-        if inode.flags & EXT4_INLINE_DATA_FL:
-            return []
+        if inode.flags & EXT4_INLINE_DATA_FL or self.is_fast_symlink(inode):
+            return []           # the data lives in i_block itself
         if inode.flags & EXT4_EXTENTS_FL:
             out: list = []
             self._extents(inode.i_block, EXT4_MAX_EXTENT_DEPTH + 1, out, [0, 0], inode.ino)
@@ -500,15 +500,20 @@ class Ext4:
             return
         yield from self._parse_block(data[4:] + bytes(-(len(data) - 4) % 4), inode.ino, 0)
 
+    @staticmethod
+    def is_fast_symlink(inode: Inode) -> bool:
+        """A symlink whose target sits in i_block (shorter than its 60 bytes)."""
+        return inode.is_symlink and inode.size < 4 * EXT4_N_BLOCKS and not inode.flags & (
+            EXT4_EXTENTS_FL | EXT4_INLINE_DATA_FL)
+
     def readlink(self, inode: Inode) -> str:
         if not inode.is_symlink:
             raise Ext4Error(f"inode {inode.ino} is not a symlink")
         if inode.size > MAX_PATH:
             raise Ext4Error(f"symlink inode {inode.ino} is {inode.size} bytes long (more than "
                             f"{MAX_PATH})")
-        fast = inode.size < 4 * EXT4_N_BLOCKS and not inode.flags & (
-            EXT4_EXTENTS_FL | EXT4_INLINE_DATA_FL)
-        raw = inode.i_block[:inode.size] if fast else self.read(inode, MAX_PATH)
+        raw = (inode.i_block[:inode.size] if self.is_fast_symlink(inode)
+               else self.read(inode, MAX_PATH))
         return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
     def find(self, dir_inode: Inode, name: str) -> Optional[int]:
