@@ -121,8 +121,9 @@ def make_loader(arch: str, machine: Optional[int] = None, subsystem: int = 10,
                    sections, text=b"GRUB test loader\0" * 16)
 
 
-def make_uki(arch: str, initrd: bytes, *, drop=()) -> bytes:
-    secs = [(".osrel", b"ID=test\n"), (".cmdline", b"console=ttyAMA0 quiet\0"),
+def make_uki(arch: str, initrd: bytes, *, drop=(), cmdline: str = "console=ttyAMA0 quiet"
+             ) -> bytes:
+    secs = [(".osrel", b"ID=test\n"), (".cmdline", cmdline.encode() + b"\0"),
             (".uname", KVER.encode()), (".initrd", initrd), (".linux", make_kernel(arch))]
     return make_pe(MACHINE[arch], MAGIC[arch], 10, [s for s in secs if s[0] not in drop],
                    text=b"systemd-stub test\0" * 16)
@@ -231,6 +232,24 @@ def default_root(ver: str = KVER) -> dict:
             "usr/lib/systemd/systemd": b"\x7fELF fake systemd\n",
             f"usr/lib/modules/{ver}/modules.order": b"", "etc/fstab": b"# empty\n",
             "etc/os-release": b"ID=test\n"}
+
+
+def crc32c(data: bytes, crc: int = 0xFFFFFFFF) -> int:
+    """Bitwise CRC-32C (Castagnoli), no final inversion: what ext4 stores (test-side)."""
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc
+
+
+def ext4_set_super(path: Path, offset: int, fmt: str, value) -> None:
+    """Set a superblock field and re-sign the superblock (metadata_csum) -- test-side."""
+    sb = bytearray(read_at(path, 1024, 1024))
+    struct.pack_into("<" + fmt, sb, offset, value)
+    if struct.unpack_from("<I", sb, 0x64)[0] & 0x400:
+        struct.pack_into("<I", sb, 0x3FC, crc32c(bytes(sb[:0x3FC])))
+    write_at(path, 1024, bytes(sb))
 
 
 def root_cmdline(s: "RootSpec", extra: str = "") -> str:

@@ -175,7 +175,7 @@ def kernel_version(ctx) -> tuple:
         found = (ch.uname, "UKI .uname")
     elif ch is not None and ch.kernel is not None and kernelimg.banner_version(ch.kernel):
         found = (kernelimg.banner_version(ch.kernel), f"the banner in {ch.kernel_name}")
-    elif ch is not None and ch.uname:
+    elif ch is not None and ch.uname and ch.kernel is not None:
         found = (ch.uname, f"the kernel's file name {ch.kernel_name}")
     else:
         fs, _ = initramfs(ctx)

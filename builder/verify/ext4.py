@@ -578,13 +578,12 @@ def feature_problems(fs: Ext4, kernel_version: Optional[str] = None) -> list:
     out = []
     bad = fs.incompat & ~LINUX_INCOMPAT
     if bad:
-        out.append(f"s_feature_incompat 0x{bad:x} ({', '.join(feature_names(bad, INCOMPAT))}) "
-                   "unknown to Linux: the kernel refuses to mount it")
+        out.append(f"feature 0x{bad:x} ({', '.join(feature_names(bad, INCOMPAT))}) in "
+                   "s_feature_incompat unknown to Linux: the kernel refuses to mount it")
     bad = fs.ro_compat & ~LINUX_RO_COMPAT
     if bad:
-        out.append(f"s_feature_ro_compat 0x{bad:x} ("
-                   f"{', '.join(feature_names(bad, RO_COMPAT))}) unknown to Linux: the kernel "
-                   "mounts it read-only only")
+        out.append(f"feature 0x{bad:x} ({', '.join(feature_names(bad, RO_COMPAT))}) in "
+                   "s_feature_ro_compat unknown to Linux: the kernel mounts it read-only only")
     kv = version_tuple(kernel_version) if kernel_version else None
     if kv:
         for (kind, bit), need in MIN_LINUX.items():
