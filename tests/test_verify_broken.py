@@ -249,6 +249,7 @@ def test_broken_image_fails_exactly_its_check(baseline, tmp_path, case):
         assert got[cid].result == want, (cid, got[cid].result, got[cid].detail)
     assert r.exit_code() == (1 if "MUST" in levels else 0)
     assert r.exit_code(strict=True) == 1
+    assert all(c.applicable == (c.id not in ROOT_IDS or base == "root") for c in r.checks)
 
 
 def test_broken_details_explain(tmp_path):

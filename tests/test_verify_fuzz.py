@@ -40,7 +40,7 @@ def target(tmp_path_factory):
     initrd = early + gzip.compress(g.newc(g.initramfs_files()), mtime=0)
     img = g.build_image(d, g.ImageSpec(esp_files={"initrd.img": initrd}), "fuzz.raw")
     r = verify.verify_image(img)
-    assert all(c.result == "pass" for c in r.checks)
+    assert all(c.result == "pass" or not c.applicable for c in r.checks)
     size = img.stat().st_size
     boot = g.read_at(img, g.MIB, 64)
     bps, rsvd = struct.unpack_from("<HxxH", boot, 11)

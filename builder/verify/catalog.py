@@ -157,10 +157,12 @@ def check_profile(profile: str) -> str:
     return profile
 
 
-def make_check(check_id: str, profile: str, result: str, detail: str) -> Check:
+def make_check(check_id: str, profile: str, result: str, detail: str,
+               applicable: bool = True) -> Check:
     """Build a Check; a SHOULD that fails becomes 'warn'."""
     d = CHECKS[check_id]
     level = d.level_for(profile)
     if result == "fail" and level == "SHOULD":
         result = "warn"
-    return Check(check_id, level, d.requirement, d.source_for(profile), result, detail)
+    return Check(check_id, level, d.requirement, d.source_for(profile), result, detail,
+                 applicable if result == "skip" else True)

@@ -40,8 +40,10 @@ class Context:
     kver: object = None                  # (kernel release, where from); see checks_root
     results: dict = field(default_factory=dict)   # check id -> (result, detail)
 
-    def set(self, cid: str, result: str, detail: str) -> None:
-        self.results[cid] = (result, detail)
+    def set(self, cid: str, result: str, detail: str, applicable: bool = True) -> None:
+        """``applicable=False``: a conditional requirement whose condition is absent (e.g.
+        root.* without a root partition); reported as skip, not held against --strict."""
+        self.results[cid] = (result, detail, applicable)
 
 
 def summarize(problems: list, limit: int = 4) -> str:

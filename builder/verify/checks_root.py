@@ -313,12 +313,12 @@ def run_root(ctx) -> None:
     cmd = _cmdline(ctx)
     arg = param(cmd, "root")
     if root is None:
-        why = "no root partition: none with a root type GUID, none named by root=, no " \
-              "Linux data partition holding ext2/3/4"
+        why = "not applicable: no root partition (none with a root type GUID, none named " \
+              "by root=, no Linux data partition holding ext2/3/4)"
         if arg:
-            why += f" (root={arg} names nothing here)"
+            why += f"; root={arg} names nothing on this disk"
         for cid in ROOT_IDS:
-            ctx.set(cid, "skip", why)
+            ctx.set(cid, "skip", why, applicable=False)
         return
     _root_type(ctx, root, how)
     _root_fs(ctx, root)
