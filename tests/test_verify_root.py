@@ -1,0 +1,170 @@
+"""boot.init, boot.modules and root.*: images with a real root file system (mke2fs -d), read
+back through GPT -> ext4 -> symlinks, the command line from grub.cfg or the UKI."""
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import imagegen as g  # noqa: E402
+
+import builder.verify as verify  # noqa: E402
+from builder.verify import kernelimg  # noqa: E402
+from builder.verify.blob import BytesBlob  # noqa: E402
+from builder.verify.checks_root import cmdline_args, param  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not g.have_tools("sfdisk", "mkfs.fat", "mcopy", "mmd", "mke2fs"),
+                                reason="needs fdisk, dosfstools, mtools and e2fsprogs")
+ROOT_IDS = ("root.type", "root.fs", "root.found", "root.init")
+ROOT = g.RootSpec()
+
+
+@pytest.fixture(autouse=True)
+def _raise_internal(monkeypatch):
+    monkeypatch.setattr(verify, "_RAISE_INTERNAL", True)
+
+
+def check(tmp_path, spec: g.ImageSpec, name: str = "disk.raw") -> dict:
+    return verify.verify_image(g.build_image(tmp_path, spec, name)).by_id()
+
+
+def all_pass(r: dict) -> None:
+    assert [(c.id, c.detail) for c in r.values() if c.result != "pass"] == []
+
+
+def test_root_by_uuid_passes_with_details(tmp_path):
+    r = check(tmp_path, g.ImageSpec(root=ROOT, cmdline=g.root_cmdline(ROOT)))
+    all_pass(r)
+    assert "partition 2" in r["root.type"].detail and "b921b045" in r["root.type"].detail
+    assert f"root=UUID={ROOT.fs_uuid} is partition 2 (ext4" in r["root.found"].detail
+    assert "/sbin/init -> ../lib/systemd/systemd" in r["root.init"].detail
+    assert f"/lib/modules/{g.KVER}" in r["root.init"].detail
+    assert "ext4" in r["root.fs"].detail and "EXT4_FS=y" in r["root.fs"].detail
+    assert "executable /init" in r["boot.init"].detail
+    assert "8 module(s)" in r["boot.modules"].detail
+
+
+def test_root_by_partuuid_in_a_uki(tmp_path):
+    cmd = f"console=ttyAMA0 root=PARTUUID={ROOT.part_uuid.upper()} rw"
+    uki = g.make_uki("aarch64", g.make_initramfs(), cmdline=cmd)
+    r = check(tmp_path, g.ImageSpec(root=ROOT, esp_files={
+        "EFI/BOOT/grub.cfg": None, "vmlinuz": None, "initrd.img": None,
+        "EFI/BOOT/BOOTAA64.EFI": uki}))
+    all_pass(r)
+    assert "PARTUUID" in r["root.found"].detail
+    assert "UKI .uname" in r["boot.modules"].detail
+
+
+def test_kernel_mounts_partuuid_root_without_an_init(tmp_path):
+    """No /init in the initramfs: the kernel mounts root=PARTUUID= by itself, but root=UUID=
+    needs userspace to find the file system."""
+    initrd = g.make_initramfs(g.initramfs_files(init=False))
+    r = check(tmp_path, g.ImageSpec(root=ROOT, cmdline=f"root=PARTUUID={ROOT.part_uuid}",
+                                    esp_files={"initrd.img": initrd}), "a.raw")
+    assert r["boot.init"].result == "pass" and "the kernel mounts" in r["boot.init"].detail
+    r = check(tmp_path, g.ImageSpec(root=ROOT, cmdline=g.root_cmdline(ROOT),
+                                    esp_files={"initrd.img": initrd}), "b.raw")
+    assert r["boot.init"].result == "fail" and "needs an initramfs" in r["boot.init"].detail
+    assert all(r[c].result == "pass" for c in ROOT_IDS)
+
+
+def test_rdinit_names_the_init(tmp_path):
+    files = g.initramfs_files(init=False) + [("sbin/myinit", 0o100755, b"#!/bin/sh\n")]
+    r = check(tmp_path, g.ImageSpec(cmdline="console=ttyAMA0 rdinit=/sbin/myinit",
+                                    esp_files={"initrd.img": g.make_initramfs(files)}))
+    assert r["boot.init"].result == "pass" and "/sbin/myinit" in r["boot.init"].detail
+    files = g.initramfs_files(init=False) + [("init", 0o100644, b"#!/bin/sh\n")]
+    r = check(tmp_path, g.ImageSpec(esp_files={"initrd.img": g.make_initramfs(files)}), "x.raw")
+    assert r["boot.init"].result == "fail" and "not an executable" in r["boot.init"].detail
+
+
+def test_ext2_and_merged_usr_free_roots(tmp_path):
+    """An ext2 root with a plain /sbin/init (no symlinks) on a 4 KiB-block file system."""
+    tree = {"sbin": ("dir",), "sbin/init": b"\x7fELF init\n", "usr/sbin/init": None,
+            "lib": ("dir",), f"lib/modules/{g.KVER}/modules.order": b"",
+            f"usr/lib/modules/{g.KVER}/modules.order": None}
+    spec = g.RootSpec(tree=tree, mkfs_args=("-t", "ext2", "-b", "4096"))
+    r = check(tmp_path, g.ImageSpec(root=spec, cmdline=g.root_cmdline(spec)))
+    all_pass(r)
+    assert r["root.fs"].detail.startswith("partition 2: ext2")
+    assert r["root.init"].detail == f"partition 2: /sbin/init (10 bytes), /lib/modules/{g.KVER}"
+
+
+def test_root_without_root_parameter_is_judged_by_type(tmp_path):
+    r = check(tmp_path, g.ImageSpec(root=ROOT, cmdline="console=ttyAMA0"))
+    assert r["root.type"].result == "pass" and "by its root type GUID" in r["root.type"].detail
+    assert r["root.found"].result == "skip" and "no root=" in r["root.found"].detail
+    assert r["root.found"].applicable                    # a root exists: strict counts it
+    assert r["root.init"].result == "pass"
+
+
+def test_banner_version_rules_vermagic_and_lib_modules(tmp_path):
+    """The kernel's own 'Linux version' banner wins over the initramfs's tree name: modules
+    built for another release and a root without its lib/modules/<release> both fail."""
+    other = "6.1.0-98-other"
+    banner = f"Linux version {other} (builder@host) (gcc) #1 SMP\n".encode()
+    kernel = g.make_pe(0xAA64, 0x20B, 10, [(".data", banner * 4)],
+                       patch=lambda img: img.__setitem__(slice(0x38, 0x3C), b"ARM\x64"))
+    assert kernelimg.banner_version(BytesBlob(kernel)) == other
+    r = check(tmp_path, g.ImageSpec(root=ROOT, cmdline=g.root_cmdline(ROOT),
+                                    esp_files={"vmlinuz": kernel}))
+    assert r["boot.kernel"].result == "pass"
+    assert r["boot.modules"].result == "fail"
+    assert f"the kernel is {other} (from the banner in /vmlinuz)" in r["boot.modules"].detail
+    assert r["root.init"].result == "fail" and f"no /lib/modules/{other}" in \
+        r["root.init"].detail
+
+
+def test_kernel_too_old_for_a_feature(tmp_path):
+    """large_dir needs Linux 4.13: a 4.9 kernel cannot mount such a root."""
+    banner = b"Linux version 4.9.0-13-arm64 (x@y) (gcc) #1 SMP\n"
+    kernel = g.make_pe(0xAA64, 0x20B, 10, [(".data", banner)],
+                       patch=lambda img: img.__setitem__(slice(0x38, 0x3C), b"ARM\x64"))
+    tree = {f"usr/lib/modules/4.9.0-13-arm64/modules.order": b""}
+    spec = g.RootSpec(tree=tree, mkfs_args=("-t", "ext4", "-O", "large_dir"))
+    initrd = g.make_initramfs(g.initramfs_files(ver="4.9.0-13-arm64"))
+    r = check(tmp_path, g.ImageSpec(root=spec, cmdline=g.root_cmdline(spec), esp_files={
+        "vmlinuz": kernel, "initrd.img": initrd}))
+    assert r["root.fs"].result == "fail"
+    assert "large_dir needs Linux 4.13, the kernel is 4.9.0-13-arm64" in r["root.fs"].detail
+    assert r["boot.modules"].result == "pass" and r["root.init"].result == "pass"
+
+
+def test_not_ext4_root(tmp_path):
+    """A root partition holding something this verifier cannot read fails root.fs and skips
+    root.init; the command line still has to name it."""
+    def zap(p):
+        g.write_at(p, 1024 + 0x38, b"\0\0")           # s_magic
+    spec = g.RootSpec(patch=zap)
+    r = check(tmp_path, g.ImageSpec(root=spec, cmdline=f"root=PARTUUID={spec.part_uuid}"))
+    assert r["root.fs"].result == "fail" and "s_magic" in r["root.fs"].detail
+    assert r["root.init"].result == "skip"
+    assert r["root.found"].result == "pass" and r["root.type"].result == "pass"
+
+
+def test_grub_cmdline_expands_top_level_variables(tmp_path):
+    cfg = (f"set rootuuid={ROOT.fs_uuid}\nset timeout=0\nmenuentry 'other' {{\n linux /vmlinuz "
+           "root=/dev/sda1\n initrd /initrd.img\n}\nmenuentry 'test' {\n linux /vmlinuz "
+           "console=ttyAMA0 root=UUID=$rootuuid ro\n initrd /initrd.img\n}\nset default=1\n")
+    r = check(tmp_path, g.ImageSpec(root=ROOT, esp_files={"EFI/BOOT/grub.cfg": cfg.encode()}))
+    assert r["root.found"].result == "pass", r["root.found"].detail
+
+
+def test_cmdline_parsing_follows_the_kernel():
+    assert cmdline_args('a "b c" d=" e" -- root=/dev/x') == ["a", "b c", "d= e"]
+    assert param("root=/dev/a ro root=UUID=x", "root") == "UUID=x"     # last one wins
+    assert param("rootwait", "root") is None and param(None, "root") is None
+
+
+def test_ext4_superblock_re_signed_by_the_test_helper(tmp_path):
+    """The broken corpus edits superblock fields with a test-side CRC-32C; e2fsprogs must
+    accept the result (dumpe2fs reads the primary superblock only)."""
+    import subprocess
+    img = g.make_root_fs(tmp_path / "fs.img", g.RootSpec())
+    g.ext4_set_super(img, 0x78, "16s", b"relabelled")         # s_volume_name
+    out = subprocess.run(["dumpe2fs", "-h", str(img)], capture_output=True, text=True)
+    assert out.returncode == 0 and "relabelled" in out.stdout
+    assert struct.unpack("<H", g.read_at(img, 1024 + 0x38, 2))[0] == 0xEF53
