@@ -38,6 +38,7 @@ class Context:
     initrd: object = None                # (Initramfs, note) once read; see checks_os
     parts: object = None                 # probed partitions (checks_root.Part list)
     kver: object = None                  # (kernel release, where from); see checks_root
+    cache: dict = field(default_factory=dict)     # parsed modules and kernel facts, shared
     results: dict = field(default_factory=dict)   # check id -> (result, detail)
 
     def set(self, cid: str, result: str, detail: str, applicable: bool = True) -> None:

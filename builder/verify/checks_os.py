@@ -142,12 +142,29 @@ def initramfs(ctx) -> tuple:
     return ctx.initrd
 
 
+def shared_module(ctx, m):
+    """One Module object per path, so each module's .modinfo is parsed once per image."""
+    return ctx.cache.setdefault(("module", m.path), m)
+
+
+def facts_for(ctx, version: Optional[str]) -> Optional[KernelFacts]:
+    """kernel_facts of the chain's initramfs for ``version``, computed once."""
+    key = ("facts", version)
+    if key not in ctx.cache:
+        fs, _ = initramfs(ctx)
+        kf = kernel_facts(fs, version) if fs is not None else None
+        if kf is not None:
+            kf.modules = {n: shared_module(ctx, m) for n, m in kf.modules.items()}
+        ctx.cache[key] = kf
+    return ctx.cache[key]
+
+
 def _facts(ctx) -> tuple:
     """(KernelFacts or None, note) from the chain's initramfs."""
     fs, note = initramfs(ctx)
     if fs is None:
         return None, note
-    kf = kernel_facts(fs, ctx.chain.uname)
+    kf = facts_for(ctx, ctx.chain.uname)
     if kf is None or (kf.config is None and kf.builtin is None):
         what = "no lib/modules/<version> tree" if kf is None else \
             f"no config or modules.builtin under {kf.version}"

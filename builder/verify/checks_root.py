@@ -23,9 +23,9 @@ from uuid import UUID
 from builder import spec
 from builder.verify import ext4, kernelimg
 from builder.verify.blob import SliceBlob
-from builder.verify.checks_os import initramfs, module_loaded
+from builder.verify.checks_os import facts_for, initramfs, module_loaded, shared_module
 from builder.verify.fat import FatError, FatVolume
-from builder.verify.modinfo import MODULE_ROOTS, Module, kernel_facts, module_name
+from builder.verify.modinfo import MODULE_ROOTS, Module, module_name
 
 ROOT_IDS = ("root.type", "root.fs", "root.found", "root.init")
 INIT_IDS = ("boot.init", "boot.modules")
@@ -171,10 +171,13 @@ def kernel_version(ctx) -> tuple:
     if ctx.kver is not None:
         return ctx.kver
     ch, found = ctx.chain, (None, "")
+    banner = None
+    if ch is not None and ch.kernel is not None and not (ch.kind == "uki" and ch.uname):
+        banner = kernelimg.banner_version(ch.kernel)
     if ch is not None and ch.kind == "uki" and ch.uname:
         found = (ch.uname, "UKI .uname")
-    elif ch is not None and ch.kernel is not None and kernelimg.banner_version(ch.kernel):
-        found = (kernelimg.banner_version(ch.kernel), f"the banner in {ch.kernel_name}")
+    elif banner:
+        found = (banner, f"the banner in {ch.kernel_name}")
     elif ch is not None and ch.uname and ch.kernel is not None:
         found = (ch.uname, f"the kernel's file name {ch.kernel_name}")
     else:
@@ -211,10 +214,12 @@ def run_init(ctx) -> None:
             ctx.set("boot.init", "pass", f"the initramfs has an executable {rdinit} "
                                          f"({m.size} bytes, mode {m.mode & 0o7777:04o})")
             return
+        if m is None and note:
+            ctx.set("boot.init", "skip", f"{rdinit} was not found before the initramfs reader "
+                                         f"stopped ({note}); cannot judge")
+            return
         why = (f"the initramfs has no {rdinit}" if m is None else
                f"{rdinit} in the initramfs is not an executable file (mode {m.mode:o})")
-        if note and m is None:
-            why += f" ({note})"
     else:
         why = note or "no initramfs"
     if cmd is None:
@@ -261,15 +266,18 @@ def run_modules(ctx) -> None:
         name = module_name(path)
         if name and any(path.startswith(r + "/") for r in MODULE_ROOTS) and not m.is_dir:
             ver = path.split("/")[2 if path.startswith("lib/") else 3]
-            mods.setdefault(name, (Module(name, path, member=m), ver))
+            mods.setdefault(name, (shared_module(ctx, Module(name, path, member=m)), ver))
             if len(mods) >= MAX_MODULES:
                 break
+    if not mods and note:
+        ctx.set("boot.modules", "skip", f"no modules found before the initramfs reader stopped "
+                                        f"({note}); cannot judge")
+        return
     if not mods:
-        extra = f" ({note})" if note else ""
-        ctx.set("boot.modules", "pass", f"the initramfs carries no kernel modules{extra}")
+        ctx.set("boot.modules", "pass", "the initramfs carries no kernel modules")
         return
     kver, src = kernel_version(ctx)
-    kf = kernel_facts(fs, kver)
+    kf = facts_for(ctx, kver)
     builtin = kf.builtin if kf is not None else None
     bad, unread, deps_missing = [], [], []
     for name, (mod, tree) in sorted(mods.items()):
@@ -370,9 +378,7 @@ def _root_fs(ctx, root: Part) -> None:
 
 def _driver(ctx, fs: ext4.Ext4) -> tuple:
     """(problem or None, note): does the kernel have a driver for this file system?"""
-    ifs, _ = initramfs(ctx)
-    kver, _ = kernel_version(ctx)
-    kf = kernel_facts(ifs, kver) if ifs is not None else None
+    kf = facts_for(ctx, kernel_version(ctx)[0])
     if kf is None or kf.config is None:
         return None, "kernel driver not checked (no kernel config)"
     syms = ["EXT4_FS"] + (["EXT2_FS", "EXT3_FS"] if fs.kind != "ext4" else [])
