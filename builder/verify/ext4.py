@@ -30,6 +30,8 @@ EXT4_INLINE_DATA_FL = 0x10000000
 EXT4_HUGE_FILE_FL = 0x00040000
 S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
 EXT4_ERROR_FS = 0x0002                 # s_state
+EXT4_XATTR_MAGIC = 0xEA020000
+EXT4_XATTR_INDEX_SYSTEM = 7            # "system.data" holds inline data past i_block
 MAXSYMLINKS = 40                       # the kernel's limit on symlink hops
 MAX_NAME = 255
 MAX_PATH = 4096
@@ -144,6 +146,7 @@ class Inode:
     i_block: bytes
     uid: int = 0
     gid: int = 0
+    ibody: bytes = b""      # the in-inode extended attribute area (after i_extra_isize)
 
     @property
     def kind(self) -> int:
@@ -326,8 +329,34 @@ class Ext4:
         gid, links = struct.unpack_from("<HH", raw, 0x18)
         flags = struct.unpack_from("<I", raw, 0x20)[0]
         size_hi = struct.unpack_from("<I", raw, 0x6C)[0]
+        ibody = b""
+        if self.inode_size > 128:
+            extra = struct.unpack_from("<H", raw, 0x80)[0]
+            if extra % 4 == 0 and 128 + extra + 4 <= self.inode_size:
+                ibody = raw[128 + extra:]
         return Inode(ino, mode, size_lo | (size_hi << 32), links, flags, raw[0x28:0x64],
-                     uid, gid)
+                     uid, gid, ibody)
+
+    @staticmethod
+    def inline_xattr(inode: Inode, index: int, name: bytes) -> Optional[bytes]:
+        """An extended attribute stored in the inode body (struct ext4_xattr_ibody_header
+        0xEA020000, then ext4_xattr_entry records; values offset from the first entry)."""
+        body = inode.ibody
+        if len(body) < 4 or struct.unpack_from("<I", body, 0)[0] != EXT4_XATTR_MAGIC:
+            return None
+        entries, off = body[4:], 0
+        while off + 16 <= len(entries) and struct.unpack_from("<I", entries, off)[0]:
+            nlen, nidx, voff, vinum, vsize = struct.unpack_from("<BBHII", entries, off)
+            if off + 16 + nlen > len(entries):
+                raise Ext4Error(f"inode {inode.ino}: extended attribute entry runs past the "
+                                "inode")
+            if nidx == index and entries[off + 16:off + 16 + nlen] == name:
+                if vinum or voff + vsize > len(entries):
+                    raise Ext4Error(f"inode {inode.ino}: extended attribute value outside "
+                                    "the inode")
+                return entries[voff:voff + vsize]
+            off += (16 + nlen + 3) & ~3
+        return None
 
     def runs(self, inode: Inode) -> list:
         """(logical block, physical block, count, initialized) runs, sorted, for the
@@ -433,10 +462,13 @@ class Ext4:
             raise Ext4Error(f"inode {inode.ino}: {size} bytes, more than the {limit} this "
                             "reader takes")
         if inode.flags & EXT4_INLINE_DATA_FL:
+            data = inode.i_block[:size]
             if size > len(inode.i_block):
-                raise Ext4Error(f"inode {inode.ino}: inline data of {size} bytes continues in "
-                                "an extended attribute, which this reader does not follow")
-            return inode.i_block[:size]
+                data += self.inline_xattr(inode, EXT4_XATTR_INDEX_SYSTEM, b"data") or b""
+            if len(data) < size:
+                raise Ext4Error(f"inode {inode.ino}: {size} bytes of inline data, but only "
+                                f"{len(data)} in i_block and system.data")
+            return data[:size]
         bs = self.block_size
         nblocks = -(-size // bs)
         buf = bytearray(size)
@@ -495,10 +527,12 @@ class Ext4:
             off += rec_len
 
     def _inline_dir(self, inode: Inode) -> Iterator[DirEntry]:
-        data = self.read(inode, len(inode.i_block))
-        if len(data) < 4:
-            return
-        yield from self._parse_block(data[4:] + bytes(-(len(data) - 4) % 4), inode.ino, 0)
+        """i_block: the parent's inode number, then entries to its end; system.data holds
+        more entries (a second 'block')."""
+        yield from self._parse_block(inode.i_block[4:], inode.ino, 0)
+        more = self.inline_xattr(inode, EXT4_XATTR_INDEX_SYSTEM, b"data")
+        if more:
+            yield from self._parse_block(more, inode.ino, 1)
 
     @staticmethod
     def is_fast_symlink(inode: Inode) -> bool:
