@@ -2,8 +2,9 @@
 
 GPT: sfdisk; ESP: mkfs.fat on a separate partition file, mtools (mmd/mcopy) for files,
 dd to place it; a root partition: mke2fs -d from a generated tree. The payloads are
-generated here: minimal PE/COFF EFI applications, fake kernels (AArch64 Image / AArch32 zImage headers that are also PE images), minimal
-ELF64 kernel modules with a .modinfo section, and newc cpio archives.
+generated here: minimal PE/COFF EFI applications, fake kernels (AArch64 Image / AArch32
+zImage headers that are also PE images), minimal ELF64 kernel modules with a .modinfo
+section, and newc cpio archives.
 """
 from __future__ import annotations
 
