@@ -241,3 +241,53 @@ def test_damaged_root_partition_never_crashes_verify(root_target):
                 g.write_at(img, off, orig)
 
     run()
+
+
+def grub_install_layout(kernel_path: str = f"/boot/vmlinuz-{g.KVER}") -> g.ImageSpec:
+    """What grub-install + update-grub leave: a stub on the ESP that finds the root file
+    system by UUID and hands over to /boot/grub/grub.cfg there; kernel and initrd in /boot."""
+    stub = (f"search.fs_uuid {ROOT.fs_uuid} root hd0,gpt2\nset prefix=($root)'/boot/grub'\n"
+            "configfile $prefix/grub.cfg\n").encode()
+    cfg = (f"search --no-floppy --fs-uuid --set=root {ROOT.fs_uuid}\nset default=0\n"
+           f"menuentry 'Debian GNU/Linux' {{\n  linux {kernel_path} root=UUID={ROOT.fs_uuid} "
+           f"ro console=ttyAMA0\n  initrd /boot/initrd.img-{g.KVER}\n}}\n").encode()
+    tree = {"boot/grub/grub.cfg": cfg, f"boot/vmlinuz-{g.KVER}": g.make_kernel("aarch64"),
+            f"boot/initrd.img-{g.KVER}": g.make_initramfs()}
+    return g.ImageSpec(root=g.RootSpec(tree=tree), esp_files={
+        "EFI/BOOT/grub.cfg": stub, "vmlinuz": None, "initrd.img": None})
+
+
+def test_grub_install_layout_is_followed_onto_the_root(tmp_path):
+    r = check(tmp_path, grub_install_layout())
+    all_pass(r)
+    assert "continues on partition 2 (ext4) with /boot/grub/grub.cfg" in r["boot.chain"].detail
+    assert f"/boot/vmlinuz-{g.KVER}" in r["boot.chain"].detail
+    assert "AArch64 Image" in r["boot.kernel"].detail
+    assert "net_failover" in r["os.virtio"].detail                 # the initrd read from ext4
+    assert f"from the kernel's file name /boot/vmlinuz-{g.KVER}" in r["boot.modules"].detail
+    assert f"root=UUID={ROOT.fs_uuid} is partition 2" in r["root.found"].detail
+
+
+def test_grub_install_layout_missing_kernel_fails_the_chain(tmp_path):
+    r = check(tmp_path, grub_install_layout("/boot/vmlinuz-9.9.9"))
+    assert r["boot.chain"].result == "fail"
+    assert "/boot/vmlinuz-9.9.9 does not exist on partition 2" in r["boot.chain"].detail
+    assert r["boot.kernel"].result == "skip" and r["boot.init"].result == "skip"
+    assert r["root.found"].result == "pass"            # the command line is still known
+
+
+def test_ext4_file_blob_reads_ranges_like_the_whole_file(tmp_path):
+    import os
+    from builder.verify import ext4
+    from builder.verify.blob import FileBlob
+    data = os.urandom(300 * 1024 + 5)
+    spec = g.RootSpec(tree={"big": data, "tiny": b"abc"}, mkfs_args=("-t", "ext4", "-O",
+                                                                     "inline_data"))
+    img = g.make_root_fs(tmp_path / "fs.img", spec)
+    with open(img, "rb") as f:
+        fs = ext4.Ext4(FileBlob(f))
+        blob = ext4.Ext4File(fs, fs.lookup("/big"))
+        for off, n in ((0, 10), (1000, 5000), (4095, 2), (len(data) - 3, 100), (0, len(data))):
+            assert blob.read_at(off, n) == data[off:off + n]
+        assert b"".join(blob.chunks(chunk=7777)) == data
+        assert ext4.Ext4File(fs, fs.lookup("/tiny")).read_at(1, 10) == b"bc"

@@ -7,15 +7,19 @@ A loader that is itself an EFI-stub kernel needs nothing else.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 from builder import spec
-from builder.verify import grubcfg, kernelimg
+from builder.verify import ext4, grubcfg, kernelimg
 from builder.verify.blob import Blob, ConcatBlob
 from builder.verify.fat import FatError
 from builder.verify.pe import section_blob
 
+# Where grub-install's configuration lives on a Linux file system (root or a /boot partition).
+LINUX_GRUB_CFGS = ("/boot/grub/grub.cfg", "/grub/grub.cfg", "/boot/grub2/grub.cfg",
+                   "/grub2/grub.cfg")
 GRUB_CFGS = (("/" + spec.ESP_GRUB_CFG, "/" + spec.REMOVABLE_DIR), ("/EFI/debian/grub.cfg",
                                                                    "/EFI/debian"))
 UKI_REQUIRED = (".linux", ".initrd", ".cmdline")
@@ -169,6 +173,8 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
     probs = "; ".join(gb.problems[:3])
     if missing:
         ctx.set("boot.chain", "fail", f"{cfg_path}: " + "; ".join(missing[:4]))
+    elif gb.kernel is None and gb.elsewhere and _grub_on_linux_fs(ctx, cfg_path, gb):
+        pass
     elif gb.kernel is None and gb.elsewhere:
         ctx.set("boot.chain", "skip", f"{cfg_path} continues with "
                                       f"{'; '.join(gb.elsewhere[:2])}, outside the ESP; "
@@ -219,3 +225,90 @@ def grub_cmdline(text: str, gb) -> Optional[str]:
     chosen = [c for t, c in found if t is not None and expand(t) == gb.entry_title]
     chosen = chosen or [c for t, c in found if t is None] or [c for _, c in found]
     return chosen[-1] if chosen else None
+
+
+def _grub_on_linux_fs(ctx, esp_cfg: str, esp_gb) -> bool:
+    """The ESP's grub.cfg hands over to a config on another partition (grub-install's stub:
+    ``search --fs-uuid ...; configfile ($root)/boot/grub/grub.cfg``): follow it when that
+    partition holds ext2/3/4 with a grub.cfg where grub-install puts it. True when the
+    boot.chain result was set."""
+    from builder.verify.checks_root import probe_partitions
+    text = " ".join(esp_gb.elsewhere)
+    wanted = {int(n) for n in re.findall(r"gpt(\d+)", text)}
+    uuids = {u.lower() for u in re.findall(r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}",
+                                           text)}
+    for p in probe_partitions(ctx):
+        if p.fs is None or not (p.entry.index in wanted or p.fs_uuid.lower() in uuids):
+            continue
+        fs = p.fs
+        for path in LINUX_GRUB_CFGS:
+            try:
+                node = fs.lookup(path)
+                if node is None or not node.is_reg:
+                    continue
+                text = fs.read(node, MAX_CFG_FILE).decode("utf-8", "replace")
+            except ext4.Ext4Error:
+                continue
+            _grub_linux(ctx, esp_cfg, p, path, text)
+            return True
+    return False
+
+
+def _grub_linux(ctx, esp_cfg: str, part, cfg_path: str, text: str) -> None:
+    fs, where = part.fs, f"partition {part.entry.index} ({part.fs_kind})"
+
+    def lookup(path):
+        try:
+            node = fs.lookup(path)
+            return node if node is not None and node.is_reg else None
+        except ext4.Ext4Error:
+            return None
+
+    def read(path):
+        node = lookup(path)
+        try:
+            return None if node is None else fs.read(node, MAX_CFG_FILE).decode("utf-8",
+                                                                               "replace")
+        except ext4.Ext4Error:
+            return None
+
+    gb = grubcfg.read_grub_cfg(text, cfg_path, esp_part=part.entry.index,
+                               fs_uuid=part.fs_uuid, label=fs.label,
+                               exists=lambda p: lookup(p) is not None, read=read,
+                               prefix=cfg_path.rsplit("/", 1)[0])
+    ch = ctx.chain = Chain("grub")
+    head = f"{esp_cfg} continues on {where} with {cfg_path}"
+    if gb.kernel is None or not gb.kernel.on_esp:
+        what = "no linux command" if gb.kernel is None else f"the kernel {gb.kernel.raw} " \
+            f"on yet another device ({gb.kernel.device})"
+        ctx.set("boot.chain", "fail" if gb.kernel is None else "skip",
+                f"{head}; entry '{gb.entry_title}': {what}")
+        return
+    missing, blobs = [], {}
+    for r in [gb.kernel] + gb.initrds:
+        node = lookup(r.path) if r.on_esp else None
+        if node is None:
+            missing.append(f"'{r.cmd} {r.raw}': {r.path} does not exist on {where}")
+            continue
+        try:
+            blobs[r.path] = ext4.Ext4File(fs, node)
+        except ext4.Ext4Error as e:
+            missing.append(f"'{r.cmd} {r.raw}': {e}")
+    ch.kernel, ch.kernel_name = blobs.get(gb.kernel.path), gb.kernel.path
+    initrds = [blobs.get(r.path) for r in gb.initrds]
+    if gb.initrds and all(b is not None for b in initrds):
+        ch.initrd = ConcatBlob(initrds)
+    else:
+        ch.initrd_note = (f"the GRUB entry '{gb.entry_title}' loads no initrd" if not gb.initrds
+                          else "an initrd named by grub.cfg is missing")
+    base = gb.kernel.path.rsplit("/", 1)[-1]
+    if base.startswith("vmlinuz-"):
+        ch.uname = base[len("vmlinuz-"):]
+    ch.cmdline, ch.cmdline_from = grub_cmdline(text, gb), f"{where} {cfg_path} " \
+                                                          f"'{gb.entry_title}'"
+    if missing:
+        ctx.set("boot.chain", "fail", f"{head}: " + "; ".join(missing[:4]))
+        return
+    names = ", ".join(r.path for r in gb.initrds) or "no initrd"
+    ctx.set("boot.chain", "pass", f"{head}; entry '{gb.entry_title}': linux "
+                                  f"{gb.kernel.path}, initrd {names}")

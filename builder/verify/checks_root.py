@@ -91,7 +91,8 @@ class Part:
         return f"partition {self.entry.index} ({what}, PARTUUID {self.entry.unique_guid})"
 
 
-def _probe(ctx) -> list:
+def probe_partitions(ctx) -> list:
+    """Every partition (up to 16) with the file system found on it, once per image."""
     if ctx.parts is not None:
         return ctx.parts
     parts = []
@@ -141,7 +142,7 @@ def _resolve_root(arg: str, parts: list) -> tuple:
 
 def find_root(ctx) -> tuple:
     """(Part or None, how it was found)."""
-    parts = _probe(ctx)
+    parts = probe_partitions(ctx)
     arg = param(_cmdline(ctx), "root")
     if arg:
         p, kind, _ = _resolve_root(arg, parts)
@@ -230,7 +231,7 @@ def run_init(ctx) -> None:
         ctx.set("boot.init", "fail", f"{why}, and the command line ({ch.cmdline_from}) has no "
                                      "root=: the kernel cannot start userspace")
         return
-    p, kind, val = _resolve_root(arg, _probe(ctx))
+    p, kind, val = _resolve_root(arg, probe_partitions(ctx))
     if kind == "uuid":
         ctx.set("boot.init", "fail", f"{why}; root={arg} needs an initramfs (the kernel itself "
                                      "resolves only PARTUUID= and device names)")
@@ -397,7 +398,7 @@ def _driver(ctx, fs: ext4.Ext4) -> tuple:
 
 
 def _root_found(ctx, arg: str, root: Optional[Part]) -> None:
-    parts = _probe(ctx)
+    parts = probe_partitions(ctx)
     p, kind, val = _resolve_root(arg, parts)
     found = "; ".join(x.describe() for x in parts[:6]) or "no partitions"
     if kind == "device":

@@ -11,6 +11,7 @@ allocation; every failure is an Ext4Error with a message saying where.
 """
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -683,3 +684,46 @@ def describe(fs: Ext4) -> str:
     feats = feature_names(fs.incompat, INCOMPAT) + feature_names(fs.ro_compat, RO_COMPAT)
     return (f"{fs.kind}, UUID {fs.uuid}, {fs.blocks_count} blocks of {fs.block_size} bytes, "
             f"features {' '.join(feats) or 'none'}")
+
+
+class Ext4File(Blob):
+    """A regular file of an ext2/3/4 file system as a Blob, read on demand (holes and
+    uninitialized extents read as zeros). A read that hits corrupt metadata returns short
+    and records why in ``errors``, like the end of a truncated file."""
+
+    MAX_READ = 64 << 20
+
+    def __init__(self, fs: Ext4, inode: Inode):
+        self.fs, self.ino, self.size = fs, inode.ino, inode.size
+        self.errors: list = []
+        self.inline = None
+        if inode.flags & EXT4_INLINE_DATA_FL:
+            self.inline, self.runs = fs.read(inode, 1 << 16), []
+        else:
+            self.runs = fs.runs(inode)
+        self.starts = [r[0] for r in self.runs]
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        n = min(self._clamp(offset, length), self.MAX_READ)
+        if not n:
+            return b""
+        if self.inline is not None:
+            return self.inline[offset:offset + n]
+        bs, end = self.fs.block_size, offset + n
+        out = bytearray(n)
+        i = max(0, bisect.bisect_right(self.starts, offset // bs) - 1)
+        try:
+            for lblk, phys, cnt, init in self.runs[i:]:
+                lo, hi = max(offset, lblk * bs), min(end, (lblk + cnt) * bs)
+                if lo >= end:
+                    break
+                if hi <= lo or not init:
+                    continue
+                first = lo // bs
+                data = self.fs.read_block(phys + first - lblk, -(-hi // bs) - first)
+                skip = lo - first * bs
+                out[lo - offset:hi - offset] = data[skip:skip + hi - lo]
+        except Ext4Error as e:
+            self.errors.append(str(e))
+            return b""
+        return bytes(out)
