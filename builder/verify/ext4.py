@@ -38,6 +38,7 @@ MAX_NAME = 255
 MAX_PATH = 4096
 MAX_DIR_BYTES = 64 << 20               # directories read (a 1M-entry directory is ~40 MiB)
 MAX_DIR_ENTRIES = 1 << 20
+MAX_LOOKUP_SCAN = 256 << 20            # directory bytes scanned for one path lookup
 MAX_RUNS = 1 << 16                     # extents / contiguous runs mapped for one file
 MAX_MAP_BLOCKS = 1 << 14               # extent-tree or indirect blocks read for one file
 MAX_MAP_STEPS = 1 << 22                # pointers / extent entries examined for one file
@@ -565,9 +566,12 @@ class Ext4:
             raise Ext4Error(f"path longer than {MAX_PATH} bytes")
         parts = [p for p in path.split("/") if p and p != "."]
         stack = [self.inode(EXT4_ROOT_INO)]     # inodes from the root to the current dir
-        hops = 0
+        hops = steps = scanned = 0
         while parts:
             name = parts.pop(0)
+            steps += 1
+            if steps > MAX_PATH:
+                raise Ext4Error(f"{path}: more than {MAX_PATH} path components walked")
             if name == "..":
                 if len(stack) > 1:
                     stack.pop()
@@ -575,6 +579,10 @@ class Ext4:
             cur = stack[-1]
             if not cur.is_dir or len(name) > MAX_NAME:
                 return None
+            scanned += cur.size
+            if scanned > MAX_LOOKUP_SCAN:
+                raise Ext4Error(f"{path}: more than {MAX_LOOKUP_SCAN >> 20} MiB of directories "
+                                "scanned for one lookup")
             ino = self.find(cur, name)
             if ino is None:
                 return None
