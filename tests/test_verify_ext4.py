@@ -69,6 +69,7 @@ VARIANTS = {
     "ext4-no-extents": ("-t", "ext4", "-O", "^extent,^64bit", "-b", "1024"),
     "ext4-meta-bg": ("-t", "ext4", "-O", "meta_bg,^resize_inode", "-b", "1024"),
     "ext4-no-csum": ("-t", "ext4", "-O", "^metadata_csum"),
+    "ext4-gdt-csum": ("-t", "ext4", "-O", "^metadata_csum,uninit_bg"),   # crc16 descriptors
     "ext4-inline-data": ("-t", "ext4", "-O", "inline_data"),     # small files in the inode
     "ext3": ("-t", "ext3", "-b", "1024"),
     "ext2": ("-t", "ext2", "-b", "1024"),
@@ -237,7 +238,10 @@ def test_superblock_fields_match_dumpe2fs(image):
     assert mine == feats
     if "metadata_csum" in feats:
         assert fs.superblock_checksum_ok() is True
+    if feats & {"metadata_csum", "uninit_bg"}:
         assert all(fs.desc_checksum_ok(g) for g in range(fs.group_count))
+    else:
+        assert fs.desc_checksum_ok(0) is None
 
 
 def test_checksum_and_feature_problems_are_reported(tree, tmp_path):
@@ -377,3 +381,18 @@ def test_damaged_file_systems_fail_cleanly(tmp_path, mkfs_args):
                         ",".join(f"{o}:{n}" for o, n in sorted(meta)), n],
                        capture_output=True, text=True, preexec_fn=_limits, env=env, timeout=900)
     assert r.returncode == 0 and "FUZZ-OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("features", ["metadata_csum", "^metadata_csum,uninit_bg"])
+def test_descriptor_checksum_damage_is_reported(tree, tmp_path, features):
+    img = mkfs(tmp_path / "fs.img", ("-t", "ext4", "-O", features), tree, "16M")
+    raw = bytearray(img.read_bytes())
+    fs = ext4.Ext4(BytesBlob(bytes(raw)))
+    off = fs._desc_location(0) + 0x0C                    # bg_free_blocks_count_lo
+    raw[off] ^= 0x01
+    probs = ext4.sanity(ext4.Ext4(BytesBlob(bytes(raw))))
+    assert any("group descriptor checksum wrong for group(s) 0" in p for p in probs), probs
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(bytes(raw))
+    r = subprocess.run(["e2fsck", "-fn", str(bad)], capture_output=True, text=True)
+    assert r.returncode != 0 and "checksum" in (r.stdout + r.stderr).lower()

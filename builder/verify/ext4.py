@@ -102,6 +102,7 @@ MIN_LINUX = {("incompat", 0x2000): (4, 4), ("incompat", 0x4000): (4, 13),
 INCOMPAT_FILETYPE, INCOMPAT_META_BG, INCOMPAT_EXTENTS, INCOMPAT_64BIT = 0x2, 0x10, 0x40, 0x80
 INCOMPAT_CSUM_SEED, INCOMPAT_INLINE_DATA = 0x2000, 0x8000
 RO_COMPAT_SPARSE_SUPER, RO_COMPAT_BIGALLOC, RO_COMPAT_METADATA_CSUM = 0x1, 0x200, 0x400
+RO_COMPAT_GDT_CSUM = 0x10
 FT_NAMES = {1: "file", 2: "dir", 3: "chr", 4: "blk", 5: "fifo", 6: "sock", 7: "symlink"}
 
 
@@ -127,6 +128,15 @@ def crc32c_raw(crc: int, data: bytes) -> int:
     t = _CRC32C
     for b in data:
         crc = t[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+def crc16(crc: int, data: bytes) -> int:
+    """The kernel's crc16() (CRC-16/ARC polynomial 0x8005, reflected as 0xA001)."""
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
     return crc
 
 
@@ -303,13 +313,20 @@ class Ext4:
         return d
 
     def desc_checksum_ok(self, g: int) -> Optional[bool]:
-        """metadata_csum group descriptor checksum (None when the fs has none)."""
-        if self.csum_seed is None:
-            return None
+        """bg_checksum: crc32c (metadata_csum) or crc16 (uninit_bg, a.k.a. gdt_csum) over
+        the UUID, the group number and the descriptor; None when the fs has neither."""
         raw = self.group_desc(g)["raw"]
-        c = crc32c_raw(self.csum_seed, struct.pack("<I", g))
-        c = crc32c_raw(c, raw[:0x1E] + b"\0\0" + raw[0x20:])
-        return (c & 0xFFFF) == struct.unpack_from("<H", raw, 0x1E)[0]
+        want = struct.unpack_from("<H", raw, 0x1E)[0]
+        if self.csum_seed is not None:
+            c = crc32c_raw(self.csum_seed, struct.pack("<I", g))
+            c = crc32c_raw(c, raw[:0x1E] + b"\0\0" + raw[0x20:])
+            return (c & 0xFFFF) == want
+        if self.ro_compat & RO_COMPAT_GDT_CSUM:
+            c = crc16(0xFFFF, self.sb["s_uuid"] + struct.pack("<I", g) + raw[:0x1E])
+            if self.is64:
+                c = crc16(c, raw[0x20:])
+            return c == want
+        return None
 
     def superblock_checksum_ok(self) -> Optional[bool]:
         if self.csum_seed is None:
