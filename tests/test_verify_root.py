@@ -291,3 +291,38 @@ def test_ext4_file_blob_reads_ranges_like_the_whole_file(tmp_path):
             assert blob.read_at(off, n) == data[off:off + n]
         assert b"".join(blob.chunks(chunk=7777)) == data
         assert ext4.Ext4File(fs, fs.lookup("/tiny")).read_at(1, 10) == b"bc"
+
+
+def _modular_ext4(with_crc32c: bool) -> bytes:
+    cfg = g.GOOD_CONFIG.replace("CONFIG_EXT4_FS=y", "CONFIG_EXT4_FS=m\nCONFIG_CRYPTO_CRC32C=m")
+    mods = dict(g.GOOD_MODULES, jbd2=[], mbcache=[], ext4=["jbd2", "mbcache"])
+    load = g.GOOD_LOAD + ["jbd2", "mbcache", "ext4"]
+    if with_crc32c:
+        mods["crc32c_generic"] = []
+        load = ["crc32c_generic"] + load
+    return g.make_initramfs(g.initramfs_files(config=cfg, modules=mods, load=load))
+
+
+def test_modular_ext4_needs_crc32c_for_metadata_csum(tmp_path):
+    """FIELD-NOTES: on armmp-lpae ext4 is a module whose crc32c need is a softdep."""
+    spec = g.ImageSpec(root=ROOT, cmdline=g.root_cmdline(ROOT),
+                       esp_files={"initrd.img": _modular_ext4(True)})
+    r = check(tmp_path, spec, "good.raw")
+    all_pass(r)
+    assert "EXT4_FS=m, module ext4 with" in r["root.fs"].detail
+    spec.esp_files = {"initrd.img": _modular_ext4(False)}
+    r = check(tmp_path, spec, "bad.raw")
+    assert r["root.fs"].result == "fail"
+    assert "no crc32c module is in the initramfs" in r["root.fs"].detail
+    assert [c for c, v in r.items() if v.result != "pass"] == ["root.fs"]
+
+
+@pytest.mark.parametrize("guid, result", [(g.ROOT_ARM64_GUID, "fail"),
+                                          ("69DAD710-2CE4-4E3C-B16C-21A1D49ABED3", "pass")])
+def test_armv7_root_type(tmp_path, guid, result):
+    spec = g.RootSpec(type_guid=guid)
+    r = check(tmp_path, g.ImageSpec(arch="armv7", root=spec, cmdline=g.root_cmdline(spec)))
+    assert r["root.type"].result == result
+    if result == "fail":
+        assert "armv7 needs 69dad710-2ce4-4e3c-b16c-21a1d49abed3" in r["root.type"].detail
+    assert all(r[c].result == "pass" for c in ROOT_IDS if c != "root.type")

@@ -391,10 +391,25 @@ def _driver(ctx, fs: ext4.Ext4) -> tuple:
         mod = {"EXT4_FS": "ext4", "EXT2_FS": "ext2", "EXT3_FS": "ext3"}[s]
         if v == "m":
             ok, why = module_loaded(mod, kf)
-            if ok:
-                return None, f"{s}=m, {why}"
-            return f"{s}=m but {why}", ""
+            if not ok:
+                return f"{s}=m but {why}", ""
+            crc = _crc32c_module(fs, kf)
+            return (crc, "") if crc else (None, f"{s}=m, {why}")
     return f"the kernel has no driver for {fs.kind} (CONFIG_EXT4_FS is not set)", ""
+
+
+def _crc32c_module(fs: ext4.Ext4, kf) -> Optional[str]:
+    """metadata_csum needs the crc32c crypto driver at mount. A modular ext4 asks for it by
+    ``softdep``, which ``depends=`` does not list (seen on Debian's armmp-lpae kernel)."""
+    if not fs.ro_compat & ext4.RO_COMPAT_METADATA_CSUM or \
+            kf.config.get("CONFIG_CRYPTO_CRC32C") != "m":
+        return None
+    names = sorted(n for n in kf.modules if n.startswith("crc32c"))
+    if not names:
+        return ("metadata_csum needs crc32c: CONFIG_CRYPTO_CRC32C=m but no crc32c module is "
+                "in the initramfs (a softdep of ext4, not in its depends=)")
+    ok, why = module_loaded(names[0], kf)
+    return None if ok else f"metadata_csum needs crc32c: {why}"
 
 
 def _root_found(ctx, arg: str, root: Optional[Part]) -> None:
