@@ -1,9 +1,10 @@
 """Test fixtures for verify: disk images made with EXTERNAL tools, never with builder/.
 
 GPT: sfdisk; ESP: mkfs.fat on a separate partition file, mtools (mmd/mcopy) for files,
-dd to place it. The payloads are generated here: minimal PE/COFF EFI applications,
-fake kernels (AArch64 Image / AArch32 zImage headers that are also PE images), minimal
-ELF64 kernel modules with a .modinfo section, and newc cpio archives.
+dd to place it; a root partition: mke2fs -d from a generated tree. The payloads are
+generated here: minimal PE/COFF EFI applications, fake kernels (AArch64 Image / AArch32
+zImage headers that are also PE images), minimal ELF64 kernel modules with a .modinfo
+section, and newc cpio archives.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from typing import Optional
 
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_ARM64_GUID = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"
+LINUX_DATA_GUID = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+ROOT_FS_UUID = "5ee1d0c5-0a0b-4c0d-8e0f-123456789abc"
+ROOT_PARTUUID = "6a6b6c6d-1111-4222-8333-444455556666"
 MIB = 1 << 20
 KVER = "6.1.0-99-test"
 MACHINE = {"aarch64": 0xAA64, "armv7": 0x01C2}
@@ -43,6 +47,7 @@ CONFIG_XEN_NETDEV_FRONTEND=m
 CONFIG_XEN_BALLOON=y
 CONFIG_ARM_PSCI_FW=y
 CONFIG_ACPI=y
+CONFIG_EXT4_FS=y
 # CONFIG_DEBUG_INFO is not set
 """
 # module name -> depends (file names use '-' where the kernel's do)
@@ -117,18 +122,19 @@ def make_loader(arch: str, machine: Optional[int] = None, subsystem: int = 10,
                    sections, text=b"GRUB test loader\0" * 16)
 
 
-def make_uki(arch: str, initrd: bytes, *, drop=()) -> bytes:
-    secs = [(".osrel", b"ID=test\n"), (".cmdline", b"console=ttyAMA0 quiet\0"),
+def make_uki(arch: str, initrd: bytes, *, drop=(), cmdline: str = "console=ttyAMA0 quiet"
+             ) -> bytes:
+    secs = [(".osrel", b"ID=test\n"), (".cmdline", cmdline.encode() + b"\0"),
             (".uname", KVER.encode()), (".initrd", initrd), (".linux", make_kernel(arch))]
     return make_pe(MACHINE[arch], MAGIC[arch], 10, [s for s in secs if s[0] not in drop],
                    text=b"systemd-stub test\0" * 16)
 
 
 # --- ELF modules and cpio ----------------------------------------------------------------
-def make_module(name: str, depends: list) -> bytes:
+def make_module(name: str, depends: list, vermagic: str = KVER) -> bytes:
     """A minimal ELF64 relocatable object with .modinfo (what the kernel's modpost emits)."""
     modinfo = (f"license=GPL\0depends={','.join(d.replace('-', '_') for d in depends)}\0"
-               f"name={name.replace('-', '_')}\0vermagic={KVER} SMP mod_unload aarch64\0"
+               f"name={name.replace('-', '_')}\0vermagic={vermagic} SMP mod_unload aarch64\0"
                ).encode()
     shstr = b"\0.modinfo\0.shstrtab\0"
     data_off = 64
@@ -158,20 +164,24 @@ def newc(files) -> bytes:
 
 def initramfs_files(config: Optional[str] = GOOD_CONFIG, modules: Optional[dict] = None,
                     load: Optional[list] = None, builtin: Optional[str] = None,
-                    ver: str = KVER, prefix: str = "lib/modules") -> list:
+                    ver: str = KVER, prefix: str = "lib/modules", init: bool = True,
+                    vermagic: Optional[dict] = None) -> list:
+    """``vermagic``: module name -> vermagic release for modules built for another kernel."""
     modules = GOOD_MODULES if modules is None else modules
     load = GOOD_LOAD if load is None else load
     root = f"{prefix}/{ver}"
     files = [(d, 0o40755, b"") for d in ("dev", "etc", "etc/armvm", "lib", "lib/modules", root,
                                           f"{root}/kernel")]
-    files.append(("init", 0o100755, b"#!/bin/sh\necho ARMVM-BOOT-COMPLETE\n"))
+    if init:
+        files.append(("init", 0o100755, b"#!/bin/sh\necho ARMVM-BOOT-COMPLETE\n"))
     if config is not None:
         files.append((f"{root}/config", 0o100644, config.encode()))
     files.append((f"{root}/modules.builtin", 0o100644, (builtin if builtin is not None else
                   "kernel/drivers/tty/serial/amba-pl011.ko\nkernel/drivers/rtc/rtc-efi.ko\n"
                   ).encode()))
     for name, deps in modules.items():
-        files.append((f"{root}/kernel/drivers/{name}.ko", 0o100644, make_module(name, deps)))
+        files.append((f"{root}/kernel/drivers/{name}.ko", 0o100644,
+                      make_module(name, deps, (vermagic or {}).get(name, ver))))
     files.append(("etc/armvm/modules.load", 0o100644, ("\n".join(load) + "\n").encode()))
     return files
 
@@ -196,13 +206,90 @@ class ImageSpec:
     sector_size: int = 512          # 4096: GPT written by the test-side writer below
     mkfs_args: tuple = ()           # replaces the -F/-s choice (e.g. a FAT32 BPB, few clusters)
     populate: bool = True           # False: an empty file system (mtools cannot write it)
+    second_type: str = LINUX_DATA_GUID   # the blank second partition (no file system)
+    root: Optional["RootSpec"] = None    # a real root file system as partition 2
+    cmdline: str = "console=ttyAMA0"     # the grub.cfg linux line's arguments
 
 
-def default_esp(arch: str) -> dict:
+@dataclass
+class RootSpec:
+    """Partition 2 as an ext4 root made by mke2fs -d. ``tree``: path -> bytes (a file,
+    mode 0755 when it starts with '#!' or ELF), ('symlink', target), ('dir',) or None
+    (removed from the default tree)."""
+    tree: dict = field(default_factory=dict)
+    type_guid: str = ROOT_ARM64_GUID
+    fs_uuid: str = ROOT_FS_UUID
+    part_uuid: str = ROOT_PARTUUID
+    mkfs_args: tuple = ("-t", "ext4")
+    size_mib: int = 8
+    patch: object = None            # callable(path of the file system image)
+
+
+def default_root(ver: str = KVER) -> dict:
+    """A merged-/usr root like Debian's: /sbin -> usr/sbin, init -> systemd."""
+    return {"bin": ("symlink", "usr/bin"), "sbin": ("symlink", "usr/sbin"),
+            "lib": ("symlink", "usr/lib"), "usr/bin/sh": b"#!fake shell\n",
+            "usr/sbin/init": ("symlink", "../lib/systemd/systemd"),
+            "usr/lib/systemd/systemd": b"\x7fELF fake systemd\n",
+            f"usr/lib/modules/{ver}/modules.order": b"", "etc/fstab": b"# empty\n",
+            "etc/os-release": b"ID=test\n"}
+
+
+def crc32c(data: bytes, crc: int = 0xFFFFFFFF) -> int:
+    """Bitwise CRC-32C (Castagnoli), no final inversion: what ext4 stores (test-side)."""
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc
+
+
+def ext4_set_super(path: Path, offset: int, fmt: str, value) -> None:
+    """Set a superblock field and re-sign the superblock (metadata_csum) -- test-side."""
+    sb = bytearray(read_at(path, 1024, 1024))
+    struct.pack_into("<" + fmt, sb, offset, value)
+    if struct.unpack_from("<I", sb, 0x64)[0] & 0x400:
+        struct.pack_into("<I", sb, 0x3FC, crc32c(bytes(sb[:0x3FC])))
+    write_at(path, 1024, bytes(sb))
+
+
+def root_cmdline(s: "RootSpec", extra: str = "") -> str:
+    return f"console=ttyAMA0 root=UUID={s.fs_uuid} ro{extra}"
+
+
+def make_root_fs(path: Path, r: RootSpec) -> Path:
+    """``path``: an ext4 image of r.size_mib MiB made by mke2fs -d from the tree."""
+    import os
+    tree = Path(str(path) + ".tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    files = default_root()
+    files.update(r.tree)
+    for rel, v in sorted(files.items()):
+        if v is None:
+            continue
+        p = tree / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(v, tuple) and v[0] == "symlink":
+            os.symlink(v[1], p)
+        elif isinstance(v, tuple):
+            p.mkdir(exist_ok=True)
+        else:
+            p.write_bytes(v)
+            p.chmod(0o755 if v[:2] == b"#!" or v[:4] == b"\x7fELF" else 0o644)
+    Path(path).unlink(missing_ok=True)
+    run("mke2fs", "-q", "-F", *r.mkfs_args, "-U", r.fs_uuid, "-E", "root_owner=0:0",
+        "-d", tree, path, f"{r.size_mib}M")
+    shutil.rmtree(tree)
+    if r.patch:
+        r.patch(Path(path))
+    return Path(path)
+
+
+def default_esp(arch: str, cmdline: str = "console=ttyAMA0") -> dict:
     return {
         f"EFI/BOOT/{REMOVABLE[arch]}": make_loader(arch),
         "EFI/BOOT/grub.cfg": b"set timeout=0\nmenuentry 'test' {\n  linux /vmlinuz "
-                             b"console=ttyAMA0\n  initrd /initrd.img\n}\n",
+                             + cmdline.encode() + b"\n  initrd /initrd.img\n}\n",
         "vmlinuz": make_kernel(arch),
         "initrd.img": make_initramfs(),
     }
@@ -217,20 +304,23 @@ def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
     if s.sector_size == 512:
         script = (f"label: gpt\nstart=2048, size={s.esp_mib * 2048}, type={s.esp_type}, "
                   "name=ESP\n")
-        if s.second_partition:
-            script += f"size=8MiB, type={ROOT_ARM64_GUID}, name=root\n"
+        if s.root is not None:
+            script += (f"size={s.root.size_mib}MiB, type={s.root.type_guid}, "
+                       f"uuid={s.root.part_uuid}, name=root\n")
+        elif s.second_partition:
+            script += f"size=8MiB, type={s.second_type}, name=data\n"
         run("sfdisk", "--no-reread", "--no-tell-kernel", "-q", disk, input=script.encode())
     else:
         parts = [(1, s.esp_mib, s.esp_type)]
         if s.second_partition:
-            parts.append((1 + s.esp_mib, 8, ROOT_ARM64_GUID))
+            parts.append((1 + s.esp_mib, 8, s.second_type))
         write_gpt(disk, parts, s.sector_size)
     run("truncate", "-s", f"{s.esp_mib}M", part)
     fat = ["-F", "32", "-s", "1"] if s.fat_bits == 32 else ["-F", "16"]
     fat = list(s.mkfs_args) or fat
     fat += ["-S", str(s.sector_size)]
     run("mkfs.fat", *fat, "-n", "ESP", "-i", "1234ABCD", "--invariant", part)
-    files = default_esp(s.arch) if s.populate else {}
+    files = default_esp(s.arch, s.cmdline) if s.populate else {}
     files.update(s.esp_files)
     dirs = sorted({"/".join(p.split("/")[:i]) for p in files if files[p] is not None
                    for i in range(1, p.count("/") + 1)})
@@ -246,6 +336,11 @@ def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
     run("dd", f"if={part}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse",
         "status=none")
     part.unlink()
+    if s.root is not None:
+        rootfs = make_root_fs(dirpath / (name + ".root"), s.root)
+        run("dd", f"if={rootfs}", f"of={disk}", "bs=1M", f"seek={1 + s.esp_mib}",
+            "conv=notrunc,sparse", "status=none")
+        rootfs.unlink()
     return disk
 
 

@@ -40,7 +40,7 @@ def target(tmp_path_factory):
     initrd = early + gzip.compress(g.newc(g.initramfs_files()), mtime=0)
     img = g.build_image(d, g.ImageSpec(esp_files={"initrd.img": initrd}), "fuzz.raw")
     r = verify.verify_image(img)
-    assert all(c.result == "pass" for c in r.checks)
+    assert all(c.result == "pass" or not c.applicable for c in r.checks)
     size = img.stat().st_size
     boot = g.read_at(img, g.MIB, 64)
     bps, rsvd = struct.unpack_from("<HxxH", boot, 11)
@@ -90,7 +90,7 @@ def test_damaged_image_never_crashes(target, muts):
         try:
             report = verify.verify_image(img)
             code = report.exit_code()
-            assert len(report.checks) == 22
+            assert len(report.checks) == len(verify.STATIC_IDS)
             assert all(c.result in ("pass", "fail", "warn", "skip") for c in report.checks)
             assert all(c.detail for c in report.checks)
         except NotAnImageError as e:

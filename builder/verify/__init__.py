@@ -1,8 +1,8 @@
 """``armvm-build verify``: check any raw disk image against the ARM VM System Specification.
 
-The readers here (GPT, FAT, PE/COFF, kernel headers, cpio, grub.cfg, module .modinfo) are
-written independently of the image writers: they share only builder/spec.py constants,
-so a writer bug cannot hide behind a reader with the same bug.
+The readers here (GPT, FAT, ext2/3/4, PE/COFF, kernel headers, cpio, grub.cfg, module
+.modinfo) are written independently of the image writers: they share only builder/spec.py
+constants, so a writer bug cannot hide behind a reader with the same bug.
 
     report = verify_image("disk.raw")               # arch from the loader, vmspec-2.0
     print(report.format_table()); sys.exit(report.exit_code(strict=False))
@@ -14,7 +14,7 @@ import stat
 
 from builder import spec
 from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
-from builder.verify import checks_image, checks_os
+from builder.verify import checks_image, checks_os, checks_root
 from builder.verify.blob import FileBlob
 from builder.verify.catalog import (CHECKS, DEFAULT_PROFILE, PROFILES, STATIC_IDS,
                                     check_profile, make_check)
@@ -80,6 +80,7 @@ def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE) ->
         ctx = checks_image.Context(profile, FileBlob(f, 0, None, size))
         checks_image.run(ctx, arch, _guard)
         _guard(ctx, checks_os.OS_IDS, lambda: checks_os.run(ctx))
+        checks_root.run(ctx, _guard)
     checks = tuple(make_check(cid, profile, *ctx.results.get(cid, ("skip", "not evaluated")))
                    for cid in STATIC_IDS)
     return Report(name, ctx.arch, profile, checks)

@@ -86,6 +86,13 @@ _DEFS = [
     CheckDef("boot.kernel", "MUST", "The kernel is bootable by the chain (AArch64 Image 'ARM\\x64' "
              "at 0x38 or EFI zboot; AArch32 zImage 0x016F2818 at 0x24; EFI stub machine = target)",
              "{spec}, {hw}; Linux Documentation/arch/arm64/booting.rst, arch/arm/booting.rst"),
+    CheckDef("boot.init", "MUST", "The chain can start userspace: the initramfs has an "
+             "executable /init, or the command line names a root= that exists on this disk",
+             "{spec}, {images}; Linux Documentation/admin-guide/initrd.rst, "
+             "filesystems/ramfs-rootfs-initramfs.rst"),
+    CheckDef("boot.modules", "MUST", "Modules in the initramfs match the kernel (vermagic) and "
+             "their depends= are present or built in",
+             "{spec}, {images}; Linux Documentation/kbuild/modules.rst"),
     CheckDef("os.console.pl011", "MUST", "Console driver for the SBSA UART and PL011 built in "
              "(SERIAL_AMBA_PL011, SERIAL_AMBA_PL011_CONSOLE)", "{spec}, {images}"),
     CheckDef("os.gic", "MUST", "GICv2 and GICv3 support (ARM_GIC, ARM_GIC_V3)",
@@ -106,6 +113,19 @@ _DEFS = [
              "(ACPI)", "VM System Spec v2.0, Hardware Description"),
     CheckDef("os.psci", "SHOULD", "PSCI for secondary CPUs, shutdown and reboot (ARM_PSCI_FW)",
              "VM System Spec v2.0, ARM Server Architecture (PSCI 0.2)"),
+    CheckDef("root.type", "MUST", "When a root partition exists: it carries the Discoverable "
+             "Partitions root type GUID of the target arch (AArch64 "
+             "B921B045-1DF0-41C3-AF44-4C6F280D3FAE, ARM 69DAD710-2CE4-4E3C-B16C-21A1D49ABED3)",
+             "Discoverable Partitions Specification (uapi-group); UEFI 2.6 §5.3.3"),
+    CheckDef("root.fs", "MUST", "When a root partition exists: its file system's superblock is "
+             "sane and uses only features the kernel supports",
+             "Linux Documentation/filesystems/ext4/ (superblock, group descriptors)"),
+    CheckDef("root.found", "MUST", "When a root partition exists: root=UUID=/PARTUUID= on the "
+             "command line names a file system or partition on this disk, never a device name",
+             "Linux Documentation/admin-guide/kernel-parameters.txt (root=)"),
+    CheckDef("root.init", "MUST", "When a root partition exists: it has /sbin/init and "
+             "lib/modules/<kernel version>", "{spec}, {images}; Linux "
+             "Documentation/admin-guide/kernel-parameters.txt (init=)"),
     # Runtime: observed by booting the image under QEMU + AAVMF.
     CheckDef("rt.removable-boot", "MUST", "With an empty variable store the firmware loads the "
              "removable-path loader and it reaches the kernel",
@@ -137,10 +157,12 @@ def check_profile(profile: str) -> str:
     return profile
 
 
-def make_check(check_id: str, profile: str, result: str, detail: str) -> Check:
+def make_check(check_id: str, profile: str, result: str, detail: str,
+               applicable: bool = True) -> Check:
     """Build a Check; a SHOULD that fails becomes 'warn'."""
     d = CHECKS[check_id]
     level = d.level_for(profile)
     if result == "fail" and level == "SHOULD":
         result = "warn"
-    return Check(check_id, level, d.requirement, d.source_for(profile), result, detail)
+    return Check(check_id, level, d.requirement, d.source_for(profile), result, detail,
+                 applicable if result == "skip" else True)

@@ -7,19 +7,24 @@ A loader that is itself an EFI-stub kernel needs nothing else.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 from builder import spec
-from builder.verify import grubcfg, kernelimg
+from builder.verify import ext4, grubcfg, kernelimg
 from builder.verify.blob import Blob, ConcatBlob
 from builder.verify.fat import FatError
 from builder.verify.pe import section_blob
 
+# Where grub-install's configuration lives on a Linux file system (root or a /boot partition).
+LINUX_GRUB_CFGS = ("/boot/grub/grub.cfg", "/grub/grub.cfg", "/boot/grub2/grub.cfg",
+                   "/grub2/grub.cfg")
 GRUB_CFGS = (("/" + spec.ESP_GRUB_CFG, "/" + spec.REMOVABLE_DIR), ("/EFI/debian/grub.cfg",
                                                                    "/EFI/debian"))
 UKI_REQUIRED = (".linux", ".initrd", ".cmdline")
 MAX_CFG_FILE = 1 << 20
+MAX_CMDLINE = 4096                     # COMMAND_LINE_SIZE on arm64 is 2048; be generous
 
 
 @dataclass
@@ -30,6 +35,8 @@ class Chain:
     initrd: Optional[Blob] = None
     initrd_note: str = ""              # why there is no initrd
     uname: Optional[str] = None        # kernel version when the chain tells it
+    cmdline: Optional[str] = None      # the kernel command line, when the chain tells it
+    cmdline_from: str = ""             # where it came from (for details)
 
 
 def find_chain(ctx) -> None:
@@ -95,8 +102,9 @@ def _uki(ctx, pe) -> None:
     if cut:
         ctx.set("boot.chain", "fail", "; ".join(cut))
         return
-    cmdline = section_blob(ctx.loader, pe.section(".cmdline")).read_at(0, 200)
+    cmdline = section_blob(ctx.loader, pe.section(".cmdline")).read_at(0, MAX_CMDLINE)
     cmdline = cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+    ch.cmdline, ch.cmdline_from = cmdline, "UKI .cmdline"
     osrel = "" if pe.section(".osrel") else "; no .osrel section"
     ctx.set("boot.chain", "pass", f"UKI: .linux {ch.kernel.size} bytes, .initrd "
                                   f"{ch.initrd.size} bytes, .cmdline '{cmdline[:80]}'{osrel}")
@@ -157,11 +165,16 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
         ch.initrd_note = f"the GRUB entry '{gb.entry_title}' loads no initrd"
     else:
         ch.initrd_note = "an initrd named by grub.cfg is missing or on another device"
+    if gb.kernel is not None:
+        ch.cmdline = grub_cmdline(text, gb)
+        ch.cmdline_from = f"{cfg_path} '{gb.entry_title}'"
     if gb.kernel is not None and gb.kernel.path.rsplit("/", 1)[-1].startswith("vmlinuz-"):
         ch.uname = gb.kernel.path.rsplit("/", 1)[-1][len("vmlinuz-"):]
     probs = "; ".join(gb.problems[:3])
     if missing:
         ctx.set("boot.chain", "fail", f"{cfg_path}: " + "; ".join(missing[:4]))
+    elif gb.kernel is None and gb.elsewhere and _grub_on_linux_fs(ctx, cfg_path, gb):
+        pass
     elif gb.kernel is None and gb.elsewhere:
         ctx.set("boot.chain", "skip", f"{cfg_path} continues with "
                                       f"{'; '.join(gb.elsewhere[:2])}, outside the ESP; "
@@ -178,3 +191,124 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
         ctx.set("boot.chain", "pass", f"GRUB reads {cfg_path}; entry '{gb.entry_title}': "
                                       f"linux {gb.kernel.path}, initrd {names}{note}"
                 + (f"; notes: {probs}" if probs else ""))
+
+
+def grub_cmdline(text: str, gb) -> Optional[str]:
+    """The arguments of the ``linux`` line grubcfg chose (variables set at the top level
+    expanded), or None when that line is not in ``text`` (e.g. in a sourced file)."""
+    tree = grubcfg.parse(grubcfg.lex(text[:MAX_CFG_FILE]))
+    env, found, steps = {}, [], [0]
+
+    def expand(w):
+        return grubcfg.VAR_RE.sub(lambda m: env.get(m.group(1) or m.group(2), ""), w) \
+            .replace(grubcfg.SQ_DOLLAR, "$")
+
+    def walk(body, in_entry):
+        for item in body:
+            steps[0] += 1
+            if steps[0] > grubcfg.MAX_COMMANDS:
+                return
+            if isinstance(item, grubcfg.Block):
+                kind = item.head[0] if item.head else ""
+                title = item.head[1] if len(item.head) > 1 else ""
+                walk(item.body, title if kind == "menuentry" else in_entry)
+            elif item and item[0] == "set" and len(item) > 1 and "=" in item[1] \
+                    and in_entry is None:
+                k, v = item[1].split("=", 1)
+                env[k] = expand(v)
+            elif item and item[0] in grubcfg.KERNEL_CMDS:
+                args = [a for a in item[1:] if not a.startswith("--")]
+                if args and args[0] == gb.kernel.raw:
+                    found.append((in_entry, " ".join(expand(a) for a in args[1:])))
+
+    walk(tree, None)
+    chosen = [c for t, c in found if t is not None and expand(t) == gb.entry_title]
+    chosen = chosen or [c for t, c in found if t is None] or [c for _, c in found]
+    return chosen[-1] if chosen else None
+
+
+def _grub_on_linux_fs(ctx, esp_cfg: str, esp_gb) -> bool:
+    """The ESP's grub.cfg hands over to a config on another partition (grub-install's stub:
+    ``search --fs-uuid ...; configfile ($root)/boot/grub/grub.cfg``): follow it when that
+    partition holds ext2/3/4 with a grub.cfg where grub-install puts it. True when the
+    boot.chain result was set."""
+    from builder.verify.checks_root import probe_partitions
+    text = " ".join(esp_gb.elsewhere)
+    wanted = {int(n) for n in re.findall(r"gpt(\d+)", text)}
+    uuids = {u.lower() for u in re.findall(r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}",
+                                           text)}
+    for p in probe_partitions(ctx):
+        if p.fs is None or not (p.entry.index in wanted or p.fs_uuid.lower() in uuids):
+            continue
+        fs = p.fs
+        for path in LINUX_GRUB_CFGS:
+            try:
+                node = fs.lookup(path)
+                if node is None or not node.is_reg:
+                    continue
+                text = fs.read(node, MAX_CFG_FILE).decode("utf-8", "replace")
+            except ext4.Ext4Error:
+                continue
+            _grub_linux(ctx, esp_cfg, p, path, text)
+            return True
+    return False
+
+
+def _grub_linux(ctx, esp_cfg: str, part, cfg_path: str, text: str) -> None:
+    fs, where = part.fs, f"partition {part.entry.index} ({part.fs_kind})"
+
+    def lookup(path):
+        try:
+            node = fs.lookup(path)
+            return node if node is not None and node.is_reg else None
+        except ext4.Ext4Error:
+            return None
+
+    def read(path):
+        node = lookup(path)
+        try:
+            return None if node is None else fs.read(node, MAX_CFG_FILE).decode("utf-8",
+                                                                               "replace")
+        except ext4.Ext4Error:
+            return None
+
+    gb = grubcfg.read_grub_cfg(text, cfg_path, esp_part=part.entry.index,
+                               fs_uuid=part.fs_uuid, label=fs.label,
+                               exists=lambda p: lookup(p) is not None, read=read,
+                               prefix=cfg_path.rsplit("/", 1)[0])
+    ch = ctx.chain = Chain("grub")
+    head = f"{esp_cfg} continues on {where} with {cfg_path}"
+    if gb.kernel is None or not gb.kernel.on_esp:
+        what = "no linux command" if gb.kernel is None else f"the kernel {gb.kernel.raw} " \
+            f"on yet another device ({gb.kernel.device})"
+        ctx.set("boot.chain", "fail" if gb.kernel is None else "skip",
+                f"{head}; entry '{gb.entry_title}': {what}")
+        return
+    missing, blobs = [], {}
+    for r in [gb.kernel] + gb.initrds:
+        node = lookup(r.path) if r.on_esp else None
+        if node is None:
+            missing.append(f"'{r.cmd} {r.raw}': {r.path} does not exist on {where}")
+            continue
+        try:
+            blobs[r.path] = ext4.Ext4File(fs, node)
+        except ext4.Ext4Error as e:
+            missing.append(f"'{r.cmd} {r.raw}': {e}")
+    ch.kernel, ch.kernel_name = blobs.get(gb.kernel.path), gb.kernel.path
+    initrds = [blobs.get(r.path) for r in gb.initrds]
+    if gb.initrds and all(b is not None for b in initrds):
+        ch.initrd = ConcatBlob(initrds)
+    else:
+        ch.initrd_note = (f"the GRUB entry '{gb.entry_title}' loads no initrd" if not gb.initrds
+                          else "an initrd named by grub.cfg is missing")
+    base = gb.kernel.path.rsplit("/", 1)[-1]
+    if base.startswith("vmlinuz-"):
+        ch.uname = base[len("vmlinuz-"):]
+    ch.cmdline, ch.cmdline_from = grub_cmdline(text, gb), f"{where} {cfg_path} " \
+                                                          f"'{gb.entry_title}'"
+    if missing:
+        ctx.set("boot.chain", "fail", f"{head}: " + "; ".join(missing[:4]))
+        return
+    names = ", ".join(r.path for r in gb.initrds) or "no initrd"
+    ctx.set("boot.chain", "pass", f"{head}; entry '{gb.entry_title}': linux "
+                                  f"{gb.kernel.path}, initrd {names}")

@@ -35,10 +35,16 @@ class Context:
     loader_pe: object = None
     chain: object = None                 # chain.Chain
     fat_problems: list = field(default_factory=list)
+    initrd: object = None                # (Initramfs, note) once read; see checks_os
+    parts: object = None                 # probed partitions (checks_root.Part list)
+    kver: object = None                  # (kernel release, where from); see checks_root
+    cache: dict = field(default_factory=dict)     # parsed modules and kernel facts, shared
     results: dict = field(default_factory=dict)   # check id -> (result, detail)
 
-    def set(self, cid: str, result: str, detail: str) -> None:
-        self.results[cid] = (result, detail)
+    def set(self, cid: str, result: str, detail: str, applicable: bool = True) -> None:
+        """``applicable=False``: a conditional requirement whose condition is absent (e.g.
+        root.* without a root partition); reported as skip, not held against --strict."""
+        self.results[cid] = (result, detail, applicable)
 
 
 def summarize(problems: list, limit: int = 4) -> str:

@@ -127,17 +127,44 @@ def run(ctx) -> None:
             ctx.set(cid, res, detail + (f" [{why}]" if why else ""))
 
 
+def initramfs(ctx) -> tuple:
+    """(Initramfs or None, note): the chain's initramfs, read once per image."""
+    if ctx.initrd is None:
+        ch = ctx.chain
+        if ch is None:
+            ctx.initrd = (None, "no boot chain to follow (see boot.chain)")
+        elif ch.initrd is None:
+            ctx.initrd = (None, f"no initramfs: {ch.initrd_note or 'the boot chain loads none'}")
+        else:
+            fs = read_initramfs(ch.initrd, is_wanted)
+            problem = fs.unsupported or fs.error
+            ctx.initrd = (fs, f"initramfs: {problem}" if problem else "")
+    return ctx.initrd
+
+
+def shared_module(ctx, m):
+    """One Module object per path, so each module's .modinfo is parsed once per image."""
+    return ctx.cache.setdefault(("module", m.path), m)
+
+
+def facts_for(ctx, version: Optional[str]) -> Optional[KernelFacts]:
+    """kernel_facts of the chain's initramfs for ``version``, computed once."""
+    key = ("facts", version)
+    if key not in ctx.cache:
+        fs, _ = initramfs(ctx)
+        kf = kernel_facts(fs, version) if fs is not None else None
+        if kf is not None:
+            kf.modules = {n: shared_module(ctx, m) for n, m in kf.modules.items()}
+        ctx.cache[key] = kf
+    return ctx.cache[key]
+
+
 def _facts(ctx) -> tuple:
     """(KernelFacts or None, note) from the chain's initramfs."""
-    ch = ctx.chain
-    if ch is None:
-        return None, "no boot chain to follow (see boot.chain)"
-    if ch.initrd is None:
-        return None, f"no initramfs: {ch.initrd_note or 'the boot chain loads none'}"
-    fs = read_initramfs(ch.initrd, is_wanted)
-    problem = fs.unsupported or fs.error
-    note = f"initramfs: {problem}" if problem else ""
-    kf = kernel_facts(fs, ch.uname)
+    fs, note = initramfs(ctx)
+    if fs is None:
+        return None, note
+    kf = facts_for(ctx, ctx.chain.uname)
     if kf is None or (kf.config is None and kf.builtin is None):
         what = "no lib/modules/<version> tree" if kf is None else \
             f"no config or modules.builtin under {kf.version}"

@@ -8,8 +8,10 @@ also be a PE image ("MZ") for the target's machine.
 """
 from __future__ import annotations
 
+import re
 import struct
 import zlib
+from typing import Optional
 
 from builder import spec
 from builder.verify.blob import Blob, BytesBlob
@@ -69,3 +71,27 @@ def judge(blob: Blob, arch: str, via: str) -> tuple:
     if pe.subsystem != spec.PE_SUBSYSTEM_EFI_APPLICATION:
         return False, f"{kind} whose EFI stub has subsystem {pe.subsystem}, expected 10"
     return True, f"{kind} with EFI stub (machine {machine_name(pe.machine)}){note}"
+
+
+BANNER_RE = re.compile(rb"Linux version (\d+\.\d+[0-9A-Za-z.+_~-]*) \(")
+BANNER_SCAN_LIMIT = 128 << 20
+BANNER_CHUNK = 4 << 20
+
+
+def banner_version(blob: Blob) -> Optional[str]:
+    """The release from the kernel's ``linux_banner`` ("Linux version <release> (..."),
+    found in an uncompressed Image; None for compressed kernels (zImage, zboot, gzip)."""
+    kind, karch = describe(blob)
+    if karch not in ("aarch64", None):
+        return None
+    tail, pos, end = b"", 0, min(blob.size, BANNER_SCAN_LIMIT)
+    while pos < end:
+        data = tail + blob.read_at(pos, min(BANNER_CHUNK, end - pos))
+        if len(data) == len(tail):
+            break
+        m = BANNER_RE.search(data)
+        if m:
+            return m.group(1).decode("ascii")
+        pos += len(data) - len(tail)
+        tail = data[-256:]
+    return None

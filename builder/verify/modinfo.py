@@ -66,11 +66,13 @@ class Module:
 
     def __init__(self, name: str, path: str, depends=None, member=None):
         self.name, self.path, self.member = name, path, member
-        self._depends, self._error = depends, None
+        self._depends, self._error, self._info = depends, None, None
 
     def _load(self) -> None:
         if self._depends is None:
-            self._depends, self._error = _read_depends(self.path, self.member)
+            self._info, self._error = _read_modinfo(self.path, self.member)
+            deps = ",".join((self._info or {}).get("depends", []))
+            self._depends = [d.strip().replace("-", "_") for d in deps.split(",") if d.strip()]
 
     @property
     def depends(self) -> list:
@@ -81,6 +83,13 @@ class Module:
     def error(self):
         self._load()
         return self._error
+
+    @property
+    def vermagic(self) -> Optional[str]:
+        """The kernel release the module was built for (first word of ``vermagic=``)."""
+        self._load()
+        vm = (self._info or {}).get("vermagic", [""])[-1].split()
+        return vm[0] if vm else None
 
 
 @dataclass
@@ -163,17 +172,15 @@ def _find(fs: Initramfs, ver: str, name: str):
     return None
 
 
-def _read_depends(path: str, m) -> tuple:
-    """(depends, error) from a module file's .modinfo."""
+def _read_modinfo(path: str, m) -> tuple:
+    """(.modinfo dict or None, error) from a module file."""
     if m is None or m.data is None:
-        return [], f"{path} was not read (size {getattr(m, 'size', '?')})"
+        return None, f"{path} was not read (size {getattr(m, 'size', '?')})"
     data = m.data
     kind = next((k for s, k in MODULE_SUFFIXES.items() if s != ".ko" and path.endswith(s)), None)
     try:
         if kind:
             data = decompress_bounded(kind, data, MAX_MODULE)
-        info = modinfo_from_elf(data)
+        return modinfo_from_elf(data), None
     except (DecompressError, ValueError) as e:
-        return [], f"{path}: {e}"
-    deps = ",".join(info.get("depends", []))
-    return [d.strip().replace("-", "_") for d in deps.split(",") if d.strip()], None
+        return None, f"{path}: {e}"

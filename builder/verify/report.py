@@ -2,7 +2,9 @@
 
 A check's ``result`` is one of pass / fail / warn / skip. A SHOULD requirement that is not
 met is reported as ``warn`` (never ``fail``); ``skip`` means the verifier could not judge
-(for example, another tool's image carries no kernel config), never that it passed.
+(for example, another tool's image carries no kernel config), never that it passed. A skip
+of a conditional requirement whose condition is absent (root.* on an image without a root
+partition) has ``applicable`` False, and ``--strict`` does not count it.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ class Check:
     source: str         # specification version + section
     result: str         # 'pass' | 'fail' | 'warn' | 'skip'
     detail: str
+    applicable: bool = True     # False: a conditional check whose condition is absent
 
     def to_json(self) -> dict:
         return {"id": self.id, "level": self.level, "requirement": self.requirement,
-                "source": self.source, "result": self.result, "detail": self.detail}
+                "source": self.source, "result": self.result, "detail": self.detail,
+                "applicable": self.applicable}
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class Report:
         for c in self.checks:
             if c.result == "fail" and c.level == "MUST":
                 return EXIT_FAILED
-            if strict and c.result in ("fail", "warn", "skip"):
+            if strict and (c.result in ("fail", "warn") or
+                           (c.result == "skip" and c.applicable)):
                 return EXIT_FAILED
         return EXIT_OK
 
