@@ -166,7 +166,7 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
     else:
         ch.initrd_note = "an initrd named by grub.cfg is missing or on another device"
     if gb.kernel is not None:
-        ch.cmdline = grub_cmdline(text, gb)
+        ch.cmdline = gb.kernel.args
         ch.cmdline_from = f"{cfg_path} '{gb.entry_title}'"
     if gb.kernel is not None and gb.kernel.path.rsplit("/", 1)[-1].startswith("vmlinuz-"):
         ch.uname = gb.kernel.path.rsplit("/", 1)[-1][len("vmlinuz-"):]
@@ -191,40 +191,6 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
         ctx.set("boot.chain", "pass", f"GRUB reads {cfg_path}; entry '{gb.entry_title}': "
                                       f"linux {gb.kernel.path}, initrd {names}{note}"
                 + (f"; notes: {probs}" if probs else ""))
-
-
-def grub_cmdline(text: str, gb) -> Optional[str]:
-    """The arguments of the ``linux`` line grubcfg chose (variables set at the top level
-    expanded), or None when that line is not in ``text`` (e.g. in a sourced file)."""
-    tree = grubcfg.parse(grubcfg.lex(text[:MAX_CFG_FILE]))
-    env, found, steps = {}, [], [0]
-
-    def expand(w):
-        return grubcfg.VAR_RE.sub(lambda m: env.get(m.group(1) or m.group(2), ""), w) \
-            .replace(grubcfg.SQ_DOLLAR, "$")
-
-    def walk(body, in_entry):
-        for item in body:
-            steps[0] += 1
-            if steps[0] > grubcfg.MAX_COMMANDS:
-                return
-            if isinstance(item, grubcfg.Block):
-                kind = item.head[0] if item.head else ""
-                title = item.head[1] if len(item.head) > 1 else ""
-                walk(item.body, title if kind == "menuentry" else in_entry)
-            elif item and item[0] == "set" and len(item) > 1 and "=" in item[1] \
-                    and in_entry is None:
-                k, v = item[1].split("=", 1)
-                env[k] = expand(v)
-            elif item and item[0] in grubcfg.KERNEL_CMDS:
-                args = [a for a in item[1:] if not a.startswith("--")]
-                if args and args[0] == gb.kernel.raw:
-                    found.append((in_entry, " ".join(expand(a) for a in args[1:])))
-
-    walk(tree, None)
-    chosen = [c for t, c in found if t is not None and expand(t) == gb.entry_title]
-    chosen = chosen or [c for t, c in found if t is None] or [c for _, c in found]
-    return chosen[-1] if chosen else None
 
 
 def _grub_on_linux_fs(ctx, esp_cfg: str, esp_gb) -> bool:
@@ -304,7 +270,7 @@ def _grub_linux(ctx, esp_cfg: str, part, cfg_path: str, text: str) -> None:
     base = gb.kernel.path.rsplit("/", 1)[-1]
     if base.startswith("vmlinuz-"):
         ch.uname = base[len("vmlinuz-"):]
-    ch.cmdline, ch.cmdline_from = grub_cmdline(text, gb), f"{where} {cfg_path} " \
+    ch.cmdline, ch.cmdline_from = gb.kernel.args, f"{where} {cfg_path} " \
                                                           f"'{gb.entry_title}'"
     if missing:
         ctx.set("boot.chain", "fail", f"{head}: " + "; ".join(missing[:4]))

@@ -37,6 +37,7 @@ class Ref:
     device: str       # 'esp' or a description of another device
     path: str         # absolute path on that device
     absolute: bool = True   # GRUB rejects file names that start with neither '/' nor '('
+    args: str = ""          # linux: the kernel command line after the file (expanded, bounded)
 
     @property
     def on_esp(self) -> bool:
@@ -266,6 +267,9 @@ class _Eval:
             if cmd in KERNEL_CMDS:
                 files = files[:1]
             refs = [self.ref(cmd, f) for f in files]
+            if cmd in KERNEL_CMDS and refs:
+                after = w[w.index(files[0]) + 1:]
+                refs[0].args = " ".join(self.expand(x) for x in after)[:MAX_VALUE]
             if not refs:
                 self.problem(f"'{cmd}' without a file")
             self.out.refs.extend(refs)
