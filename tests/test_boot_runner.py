@@ -156,6 +156,7 @@ def test_default_aarch64_command():
         "-nographic", "-no-reboot",
         "-drive", "if=pflash,format=raw,readonly=on,file=/fw/CODE.fd",
         "-drive", "if=pflash,format=raw,file=/tmp/x/VARS.fd",
+        "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-drive", "if=none,id=disk0,format=raw,file=/img/disk.raw,snapshot=on",
         "-device", "virtio-blk-pci,drive=disk0"]
 
