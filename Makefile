@@ -1,6 +1,7 @@
 # armvm-build: everything a fresh Debian machine needs, in two commands.
 #   make demo   build recipes/debian-arm64.yaml and boot it under QEMU + AAVMF
 #   make test   run the test suite (installs system packages and the venv when missing)
+#   make fresh-check   (root) both of the above in a clean Debian 12 chroot: .ci/fresh-check
 SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
@@ -9,14 +10,16 @@ ARMVM := $(VENV)/bin/armvm-build
 RECIPE ?= recipes/debian-arm64.yaml
 PYTEST_ARGS ?=
 
-# Debian packages: QEMU + AAVMF firmware for boots, external validators for tests,
-# grub-mkimage for GRUB loaders, gpgv + keyring for the archive, venv for the Python side.
+# Debian packages: QEMU + AAVMF firmware for boots; grub-mkimage for GRUB loaders; gpgv +
+# keyring for the archive; the venv for the Python side; external judges for the tests
+# (sfdisk, sgdisk, fsck.fat, mtools, genimage, bmaptool, losetup, cpio, gpg, gcc for test
+# modules); mmdebstrap + git for make fresh-check. make itself: README's prerequisite line.
 SYSTEM_PACKAGES := qemu-system-arm qemu-efi-aarch64 qemu-efi-arm fdisk dosfstools mtools \
 	genimage grub-common bmap-tools gdisk gpgv gnupg debian-archive-keyring xz-utils zstd \
-	python3-venv ca-certificates cpio gcc
+	python3-venv ca-certificates cpio gcc mount mmdebstrap git
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test system-deps venv bench clean example
+.PHONY: demo test system-deps venv bench clean example fresh-check
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
@@ -41,6 +44,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+# The README's two commands on a clean Debian 12 minbase chroot (root; see README).
+fresh-check:
+	@[ "$$(id -u)" = 0 ] || { echo "make fresh-check needs root (mmdebstrap, bind mounts): sudo make fresh-check" >&2; exit 1; }
+	$(MAKE) --no-print-directory system-deps
+	.ci/fresh-check
 
 bench: venv
 	$(PY) bench/run.py
