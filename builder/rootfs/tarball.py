@@ -135,14 +135,12 @@ def extract_tar(path: Path, dest: Path) -> List[str]:
     tf = open_tar(path)
     try:
         try:
-            tf.extractall(dest, numeric_owner=True, filter=_filter)
+            # Names were checked by check_tar; keep modes (setuid included) and owners as they are.
+            extra = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+            tf.extractall(dest, numeric_owner=True, **extra)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ArmvmError(f"rootfs tarball {path}: cannot extract ({exc})") from None
     finally:
         tf.close()
     return []
 
-
-def _filter(member: tarfile.TarInfo, dest: str):
-    # The names were checked by check_tar; keep modes (setuid included) and owners as they are.
-    return member
