@@ -383,3 +383,30 @@ def test_a_root_that_does_not_fit_says_how_many_mib(tmp_path):
         run(plan)
     assert "does not fit its 32 MiB partition: it needs about" in str(err.value)
     assert not (tmp_path / "root.ext4").exists()
+
+
+# --- the root's file system driver in the initramfs -----------------------------------------
+
+def test_ext4_module_brings_its_crc32c_softdep(tmp_path):
+    """armhf: ext4 is a module and needs crc32c through a softdep (not in depends=)."""
+    from tests.kofixtures import make_kernel_tree
+    from builder import spec
+    from builder.kernel import inspect_kernel, resolve_drivers
+    from builder.rootfs import root_fstype_modules
+    mods = {
+        "kernel/fs/ext4/ext4": [("name", "ext4"), ("depends", "mbcache,jbd2"), ("softdep", "pre: crc32c"),
+                                ("alias", "fs-ext4")],
+        "kernel/fs/mbcache": [("name", "mbcache"), ("depends", "")],
+        "kernel/fs/jbd2/jbd2": [("name", "jbd2"), ("depends", "")],
+        "kernel/crypto/crc32c_generic": [("name", "crc32c_generic"), ("depends", ""), ("alias", "crc32c"),
+                                         ("alias", "crypto-crc32c")],
+        "kernel/arch/arm/crypto/crc32_arm_ce": [("name", "crc32_arm_ce"), ("depends", ""),
+                                                ("alias", "crc32c")],
+    }
+    tree = make_kernel_tree(tmp_path / "k", arch="armv7", version="6.12.0-test-armmp-lpae", modules=mods,
+                            config={"CONFIG_MODULES": "y"})
+    kinfo = inspect_kernel(tree, spec.ARCHES["armv7"])
+    assert root_fstype_modules(kinfo, "ext4") == ["crc32c_generic", "ext4"]
+    names = [m.name for m in resolve_drivers(kinfo, root_fstype_modules(kinfo, "ext4"))]
+    assert set(names) == {"crc32c_generic", "ext4", "jbd2", "mbcache"}
+    assert names.index("jbd2") < names.index("ext4")

@@ -44,7 +44,22 @@ def root_fstype_modules(kinfo, fstype: str = "ext4") -> list:
                     section = w[:-1]
                 elif section == "pre":
                     pre.append(w)
-    return pre + [name]
+    return [m for m in (_by_alias(kinfo, p) for p in pre) if m] + [name]
+
+
+def _by_alias(kinfo, wanted: str) -> Optional[str]:
+    """A module name for a softdep (a module name or an alias such as crc32c); built-ins need
+    nothing; among several modules with the alias the generic one is taken."""
+    from builder.kernel import norm
+    name = norm(wanted)
+    if name in kinfo.builtin:
+        return None
+    if name in kinfo.modules:
+        return name
+    having = sorted(m.name for m in kinfo.modules.values() if wanted in m.aliases)
+    if not having:
+        return None
+    return next((m for m in having if m.endswith("_generic")), having[0])
 
 
 @contextmanager
@@ -180,8 +195,6 @@ def _debian_root(ctx, cache, progress: bool):
     recipe, r = ctx.recipe, ctx.recipe.rootfs
     archive = ctx.need_archive("rootfs.debian")
     arch = spec.ARCHES[recipe.arch].debian_arch
-    mm.check_tools(arch, r.variant)
-    version = mm.mmdebstrap_version()
     pinned = []
     with ctx.stage("resolve"):
         for name in r.packages:
@@ -191,9 +204,11 @@ def _debian_root(ctx, cache, progress: bool):
                 raise ArmvmError(f"{recipe.path}: field 'rootfs.debian.packages': {exc}") from None
             pinned.append((pkg.name, pkg.version))
     key = mm.cache_key(suite=recipe.debian.suite, components=recipe.debian.components, arch=arch,
-                       variant=r.variant, packages=pinned, timestamp=ctx.timestamp, version=version)
+                       variant=r.variant, packages=pinned, timestamp=ctx.timestamp)
 
-    def build(dest: Path) -> None:
+    def build(dest: Path) -> None:          # only on a cache miss: a warm build needs no tools
+        mm.check_tools(arch, r.variant)
+        (dest / "mmdebstrap.version").write_text(mm.mmdebstrap_version() + "\n")
         with _status(progress, f"mmdebstrap {r.variant} {recipe.debian.suite} {arch}") as say:
             mm.run_mmdebstrap(out=dest / "root.tar", mirror=archive.mirror, suite=recipe.debian.suite,
                               components=recipe.debian.components, arch=arch, variant=r.variant,
@@ -203,5 +218,5 @@ def _debian_root(ctx, cache, progress: bool):
 
     tree = cache.put_tree(f"rootfs-debian-{key}", build)
     facts = {"variant": r.variant, "suite": recipe.debian.suite, "arch": arch, "include": list(r.packages),
-             "version": version}
+             "version": (tree / "mmdebstrap.version").read_text().strip()}
     return tree / "root.tar", "debian:" + key, facts

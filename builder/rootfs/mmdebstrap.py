@@ -2,8 +2,8 @@
 through qemu-user-static + binfmt_misc, and cache it by content.
 
 The cache key is the package set with versions (the named packages resolved by the
-recipe's archive), the variant, the architecture, the suite and components, the mmdebstrap
-version and the timestamp: a warm rebuild never runs mmdebstrap.
+recipe's archive), the variant, the architecture, the suite and components and the
+timestamp: a warm rebuild never runs (nor needs) mmdebstrap.
 """
 from __future__ import annotations
 
@@ -77,10 +77,11 @@ def ensure_binfmt(emulator: str) -> None:
 
 
 def cache_key(*, suite: str, components: Sequence[str], arch: str, variant: str,
-              packages: Sequence[tuple], timestamp: int, version: str) -> str:
+              packages: Sequence[tuple], timestamp: int) -> str:
+    """The root's content key. The mmdebstrap version is recorded, not keyed: a warm build
+    must work where mmdebstrap is not even installed (e.g. an offline rebuild)."""
     data = {"suite": suite, "components": list(components), "arch": arch, "variant": variant,
-            "packages": sorted([list(p) for p in packages]), "timestamp": timestamp,
-            "mmdebstrap": version, "format": 1}
+            "packages": sorted([list(p) for p in packages]), "timestamp": timestamp, "format": 1}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -100,7 +101,7 @@ def run_mmdebstrap(*, out: Path, mirror: str, suite: str, components: Sequence[s
     cmd += [suite, str(out), mirror]
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(timestamp), LC_ALL="C.UTF-8")
     tail: list[str] = []
-    logf = open(log, "w") if log else None
+    logf = open(log, "w", buffering=1) if log else None
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
