@@ -198,6 +198,10 @@ def _debian_root(ctx, cache, progress: bool):
     pinned = []
     with ctx.stage("resolve"):
         for name in r.packages:
+            if archive.lock is not None:
+                # The lock pins the image's own packages, not (yet) the root's closure.
+                pinned.append((name, ""))
+                continue
             try:
                 pkg = archive.resolve(name)
             except ArmvmError as exc:
@@ -207,6 +211,9 @@ def _debian_root(ctx, cache, progress: bool):
                        variant=r.variant, packages=pinned, timestamp=ctx.timestamp)
 
     def build(dest: Path) -> None:          # only on a cache miss: a warm build needs no tools
+        if archive.offline:
+            raise ArmvmError("the Debian root of this recipe is not in the cache, and --offline forbids "
+                             "running mmdebstrap (it downloads); build once online with the same cache")
         mm.check_tools(arch, r.variant)
         (dest / "mmdebstrap.version").write_text(mm.mmdebstrap_version() + "\n")
         with _status(progress, f"mmdebstrap {r.variant} {recipe.debian.suite} {arch}") as say:
