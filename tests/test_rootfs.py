@@ -128,6 +128,10 @@ def test_hygiene_replaces_host_files_and_writes_fstab(tmp_path):
     (root / "usr/lib/systemd/system/systemd-networkd.service").write_text(
         "[Unit]\nDescription=n\n[Service]\nExecStart=/x\n[Install]\nWantedBy=multi-user.target\n")
     (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\nbin:*:1::::::\n")
+    (root / "etc/ssh").mkdir()
+    (root / "etc/ssh/sshd_config").write_text("")
+    (root / "etc/ssh/ssh_host_ed25519_key").write_text("secret of the build host")
+    (root / "etc/ssh/ssh_host_ed25519_key.pub").write_text("pub")
     key = tmp_path / "key.pub"
     key.write_text("ssh-ed25519 AAAA test\n")
     hygiene.apply(root, hostname="vm1", fs_uuid="11111111-2222-3333-4444-555555555555", fstype="ext4",
@@ -148,6 +152,8 @@ def test_hygiene_replaces_host_files_and_writes_fstab(tmp_path):
     assert ak.read_text() == "ssh-ed25519 AAAA test\n" and stat.S_IMODE(ak.stat().st_mode) == 0o600
     assert stat.S_IMODE((root / "root/.ssh").stat().st_mode) == 0o700
     assert (root / "etc/hostname").stat().st_mtime == TS
+    assert not list((root / "etc/ssh").glob("ssh_host_*"))
+    assert os.path.islink(root / "etc/systemd/system/ssh.service.wants/armvm-ssh-keygen.service")
 
 
 def test_enabling_a_missing_unit_names_it(tmp_path):

@@ -7,6 +7,7 @@
 - /etc/fstab naming the root by file system UUID;
 - root's password hash when the recipe gives one (otherwise root stays locked);
 - DHCP on every Ethernet NIC through systemd-networkd, when asked;
+- no SSH host keys baked into the image: a first-boot unit runs `ssh-keygen -A`;
 - units to enable, and the recipe's own files.
 
 Every path is resolved inside the staged root as if it were `/` (symlinks in the root never
@@ -25,6 +26,20 @@ from builder.errors import ArmvmError
 
 MAX_LINKS = 40
 UNIT_DIRS = ("usr/lib/systemd/system", "lib/systemd/system", "etc/systemd/system")
+SSH_KEYGEN_UNIT = """# Written by armvm-build: every image makes its own SSH host keys on its first boot
+# (the keys mmdebstrap's openssh-server postinst made are removed from the root).
+[Unit]
+Description=Generate SSH host keys (armvm-build)
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target ssh.service
+"""
 DHCP_NETWORK = """# Written by armvm-build: DHCP on every Ethernet NIC (virtio-net, xen-netfront, ...).
 [Match]
 Type=ether
@@ -194,6 +209,12 @@ def apply(root: Path, *, hostname: str, fs_uuid: str, fstype: str, mtime: int,
     if dhcp:
         write_file(root, "etc/systemd/network/20-armvm-dhcp.network", DHCP_NETWORK.encode(), mtime=mtime)
         enable = ["systemd-networkd.service"] + [u for u in enable if u != "systemd-networkd.service"]
+    ssh = resolve_in(root, "etc/ssh")
+    if (ssh / "sshd_config").is_file():
+        for key in sorted(ssh.glob("ssh_host_*_key*")):
+            os.unlink(key)
+        write_file(root, "etc/systemd/system/armvm-ssh-keygen.service", SSH_KEYGEN_UNIT.encode(), mtime=mtime)
+        enable = ["armvm-ssh-keygen.service"] + list(enable)
     for unit in enable:
         enable_unit(root, unit, mtime=mtime)
     for src, dest, mode in files:
