@@ -82,9 +82,10 @@ def write_ext4(target: Path, *, offset: int, size: int, tree: Path, fs_uuid: uui
     `paths` lists one path (relative, '/'-separated) per inode of the tree; every one gets
     its times normalised. `restore_modes` are (path, full st_mode) pairs set after creation.
     """
-    if size % BLOCK_SIZE or offset % BLOCK_SIZE:
-        raise ArmvmError(f"ext4: size {size} and offset {offset} must be multiples of {BLOCK_SIZE}")
-    blocks = size // BLOCK_SIZE
+    if offset % BLOCK_SIZE or size < 64 * BLOCK_SIZE:
+        raise ArmvmError(f"ext4: offset {offset} must be a multiple of {BLOCK_SIZE} and the size "
+                         f"{size} at least {64 * BLOCK_SIZE} bytes")
+    blocks = size // BLOCK_SIZE          # a partial last block stays unused
     conf = work / "mke2fs.conf"
     conf.write_text(MKE2FS_CONF)
     env = dict(os.environ, MKE2FS_CONFIG=str(conf), E2FSPROGS_FAKE_TIME=str(timestamp),
