@@ -155,6 +155,7 @@ def test_hygiene_replaces_host_files_and_writes_fstab(tmp_path):
     assert stat.S_IMODE((root / "root/.ssh").stat().st_mode) == 0o700
     assert (root / "etc/hostname").stat().st_mtime == TS
     assert not list((root / "etc/ssh").glob("ssh_host_*"))
+    assert os.path.islink(root / "etc/systemd/system/ssh.service.wants/armvm-ssh-keygen.service")
     for stamp in ("etc/.updated", "var/.updated"):
         assert f"TIMESTAMP_NSEC={TS}000000000" in (root / stamp).read_text()
 

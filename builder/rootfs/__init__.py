@@ -21,7 +21,7 @@ from typing import Optional
 from builder import __version__, spec
 from builder.errors import ArmvmError, MissingToolError
 
-FORMAT_VERSION = 3                     # bump when staging/hygiene changes the bytes
+FORMAT_VERSION = 4                     # bump when staging/hygiene changes the bytes
 
 
 def root_fstype_modules(kinfo, fstype: str = "ext4") -> list:

@@ -7,8 +7,7 @@
 - /etc/fstab naming the root by file system UUID;
 - root's password hash when the recipe gives one (otherwise root stays locked);
 - DHCP on every Ethernet NIC through systemd-networkd, when asked;
-- no SSH host keys baked into the image when the root has Debian's first-boot
-  sshd-keygen.service (trixie), which makes them;
+- no SSH host keys baked into the image: a unit makes them on the first boot;
 - /etc/.updated and /var/.updated: dpkg just configured the root, so the first boot skips
   the ConditionNeedsUpdate= jobs (ldconfig, hwdb, journal catalog) that are slow under TCG;
 - units to enable, and the recipe's own files.
@@ -29,6 +28,24 @@ from builder.errors import ArmvmError
 
 MAX_LINKS = 40
 UNIT_DIRS = ("usr/lib/systemd/system", "lib/systemd/system", "etc/systemd/system")
+SSH_KEYGEN_UNIT = """# Written by armvm-build: each image makes its own SSH host keys on its first boot (no
+# key is baked into the image). Debian's sshd-keygen.service runs only when systemd sees
+# a first boot, which an empty /etc/machine-id is not. Ed25519 and ECDSA only: an RSA key
+# takes tens of seconds under emulation.
+[Unit]
+Description=Generate SSH host keys (armvm-build)
+Before=ssh.service sshd.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+ExecStart=/usr/bin/ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key
+
+[Install]
+WantedBy=multi-user.target ssh.service
+"""
 UPDATED_STAMP = """# Written by armvm-build: the root was just configured by dpkg, so the first boot
 # need not redo ldconfig, the hwdb, the journal catalog... (ConditionNeedsUpdate=).
 TIMESTAMP_NSEC={nsec}
@@ -202,10 +219,12 @@ def apply(root: Path, *, hostname: str, fs_uuid: str, fstype: str, mtime: int,
     if dhcp:
         write_file(root, "etc/systemd/network/20-armvm-dhcp.network", DHCP_NETWORK.encode(), mtime=mtime)
         enable = ["systemd-networkd.service"] + [u for u in enable if u != "systemd-networkd.service"]
-    keygen = [d for d in UNIT_DIRS if resolve_in(root, f"{d}/sshd-keygen.service").is_file()]
-    if keygen:         # Debian's first-boot unit makes fresh keys: bake none into the image
-        for key in sorted(resolve_in(root, "etc/ssh").glob("ssh_host_*_key*")):
+    ssh = resolve_in(root, "etc/ssh")
+    if (ssh / "sshd_config").is_file():
+        for key in sorted(ssh.glob("ssh_host_*_key*")):
             os.unlink(key)
+        write_file(root, "etc/systemd/system/armvm-ssh-keygen.service", SSH_KEYGEN_UNIT.encode(), mtime=mtime)
+        enable = ["armvm-ssh-keygen.service"] + list(enable)
     for stamp in ("etc/.updated", "var/.updated"):
         if resolve_in(root, stamp.split("/")[0]).is_dir():
             write_file(root, stamp, UPDATED_STAMP.format(nsec=mtime * 1_000_000_000).encode(), mtime=mtime)
