@@ -420,3 +420,35 @@ def test_ext4_module_brings_its_crc32c_softdep(tmp_path):
     names = [m.name for m in resolve_drivers(kinfo, root_fstype_modules(kinfo, "ext4"))]
     assert set(names) == {"crc32c_generic", "ext4", "jbd2", "mbcache"}
     assert names.index("jbd2") < names.index("ext4")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes device nodes and foreign owners in the source folder")
+def test_root_from_a_folder_keeps_its_ownership(tmp_path):
+    from builder.rootfs.stage import run
+    src = tmp_path / "src"
+    for d in ("etc", "usr/sbin", "usr/bin", "dev", "srv/data"):
+        (src / d).mkdir(parents=True)
+    os.symlink("usr/sbin", src / "sbin")
+    (src / "usr/sbin/init").write_bytes(b"#!/bin/sh\n")
+    (src / "usr/bin/ping").write_bytes(b"\x7fELF")
+    os.chmod(src / "usr/bin/ping", 0o4755)
+    os.link(src / "usr/bin/ping", src / "usr/bin/ping6")
+    os.mknod(src / "dev/zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    (src / "srv/data/f").write_text("data")
+    os.chown(src / "srv/data", 123, 456)
+    os.chown(src / "srv/data/f", 123, 456)
+    plan = {"source": {"kind": "dir", "path": str(src)}, "staging": str(tmp_path / "s"), "work": str(tmp_path),
+            "timestamp": TS, "hygiene": {"hostname": "vm", "files": []}, "modules": None,
+            "ext4": {"target": str(tmp_path / "root.ext4"), "offset": 0, "size": 32 * MIB,
+                     "uuid": str(uuid.UUID(int=3)), "hash_seed": str(uuid.UUID(int=4))}}
+    run(plan)
+    img = str(tmp_path / "root.ext4")
+    assert subprocess.run(["e2fsck", "-fn", img], capture_output=True).returncode == 0
+
+    def st(path):
+        return subprocess.run(["debugfs", "-R", f"stat {path}", img], capture_output=True, text=True).stdout
+    assert "User:   123   Group:   456" in st("/srv/data/f")
+    ping = st("/usr/bin/ping")
+    assert "Mode:  04755" in ping and "Links: 2" in ping
+    assert "character special" in st("/dev/zero")
+    assert (src / "etc").is_dir() and not (src / "etc/hostname").exists()     # the source is untouched

@@ -55,7 +55,6 @@ def copy_dir(src: Path, dest: Path) -> None:
             os.chmod(d, stat.S_IMODE(st.st_mode))
 
     try:
-        todo = [(str(src), str(dest))]
         dirs = []
         for dirpath, dirnames, filenames in os.walk(src):
             rel = os.path.relpath(dirpath, src)
@@ -70,7 +69,6 @@ def copy_dir(src: Path, dest: Path) -> None:
                 elif not stat.S_ISLNK(st.st_mode):
                     os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
             dirnames[:] = [n for n in dirnames if not os.path.islink(os.path.join(dirpath, n))]
-        del todo
         st = os.lstat(src)
         os.chmod(dest, stat.S_IMODE(st.st_mode))
         os.chown(dest, st.st_uid, st.st_gid)
