@@ -94,7 +94,13 @@ def prepare_root(ctx, layout):
         elif r.kind == "tar":
             art = ctx.fetcher.local(r.path)
             from builder.rootfs.tarball import check_tar
-            check_tar(art.path, can_mknod=_can_mknod())
+            summary = check_tar(art.path, can_mknod=_can_mknod())
+            from builder.disk.ext4 import estimate_bytes
+            need = estimate_bytes(summary.data_blocks, summary.members, size)
+            if need > size:
+                raise ArmvmError(f"rootfs tarball {r.path.name} ({summary.data_blocks * 4096 >> 20} MiB of files) "
+                                 f"does not fit its {size >> 20} MiB partition: it needs about "
+                                 f"{-(-need >> 20)} MiB; grow disk.size or the root partition")
             tar, identity = art.path, "tar:" + art.sha256
             ctx.record("rootfs", "file:" + r.path.name, art.sha256, art.size)
         else:
