@@ -452,3 +452,16 @@ def test_root_from_a_folder_keeps_its_ownership(tmp_path):
     assert "Mode:  04755" in ping and "Links: 2" in ping
     assert "character special" in st("/dev/zero")
     assert (src / "etc").is_dir() and not (src / "etc/hostname").exists()     # the source is untouched
+
+
+def test_a_root_whose_etc_links_to_itself_is_a_clear_error(tmp_path):
+    from builder.rootfs.stage import run
+    tar = make_tar(tmp_path / "loop.tar", [("./", "dir", {}), ("./etc", "sym", {"to": "/etc"}),
+                                          ("./sbin", "dir", {}), ("./sbin/init", "file", {})])
+    plan = {"source": {"kind": "tar", "path": str(tar)}, "staging": str(tmp_path / "s"), "work": str(tmp_path),
+            "timestamp": TS, "hygiene": {"hostname": "vm", "files": []}, "modules": None,
+            "ext4": {"target": str(tmp_path / "root.ext4"), "offset": 0, "size": 32 * MIB,
+                     "uuid": str(uuid.UUID(int=3)), "hash_seed": str(uuid.UUID(int=4))}}
+    with pytest.raises(ArmvmError, match="too many symlinks"):
+        run(plan)
+    assert not (tmp_path / "root.ext4").exists()

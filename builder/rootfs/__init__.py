@@ -160,7 +160,10 @@ def _run_stage(plan: dict, progress: bool) -> dict:
     staging = Path(plan["staging"])
     try:
         if os.geteuid() == 0:
-            return stage.run(plan)
+            try:
+                return stage.run(plan)
+            except OSError as exc:
+                raise ArmvmError(f"staging the root failed: {exc.filename or ''}: {exc.strerror}") from None
         if shutil.which("fakeroot") is None:
             raise MissingToolError("fakeroot", "fakeroot", "to keep the root's owners and device nodes "
                                    "in an unprivileged build")

@@ -133,6 +133,9 @@ def symlink(root: Path, rel: str, target: str, *, mtime: int) -> None:
 def install_modules(root: Path, modules_dir: Path, version: str, *, mtime: int) -> Path:
     """Copy the kernel's lib/modules/<version> into the root and run depmod there."""
     dest_parent = make_dirs(root, "lib/modules", mtime=mtime)
+    if dest_parent.parent.name != "lib" or root.resolve() not in dest_parent.resolve().parents:
+        raise ArmvmError(f"rootfs: /lib/modules resolves to /{dest_parent.relative_to(root)} in the root; "
+                         "expected /lib/modules or /usr/lib/modules")
     dest = dest_parent / version
     if os.path.lexists(dest):
         shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else os.unlink(dest)
@@ -222,7 +225,8 @@ def apply(root: Path, *, hostname: str, fs_uuid: str, fstype: str, mtime: int,
     ssh = resolve_in(root, "etc/ssh")
     if (ssh / "sshd_config").is_file():
         for key in sorted(ssh.glob("ssh_host_*_key*")):
-            os.unlink(key)
+            if key.is_symlink() or key.is_file():
+                os.unlink(key)
         write_file(root, "etc/systemd/system/armvm-ssh-keygen.service", SSH_KEYGEN_UNIT.encode(), mtime=mtime)
         enable = ["armvm-ssh-keygen.service"] + list(enable)
     for stamp in ("etc/.updated", "var/.updated"):

@@ -188,6 +188,10 @@ def main(argv) -> int:
     except ArmvmError as exc:
         Path(plan["result"]).write_text(json.dumps({"error": str(exc)}))
         return 1
+    except OSError as exc:
+        Path(plan["result"]).write_text(json.dumps(
+            {"error": f"staging the root failed: {exc.filename or ''}: {exc.strerror}"}))
+        return 1
     Path(plan["result"]).write_text(json.dumps(result))
     return 0
 
