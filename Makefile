@@ -1,5 +1,6 @@
 # armvm-build: everything a fresh Debian machine needs, in two commands.
 #   make demo   build recipes/debian-arm64.yaml and boot it under QEMU + AAVMF
+#   make demo-server   build the arm64 server image (Debian root, ext4) and boot it to login:
 #   make test   run the test suite (installs system packages and the venv when missing)
 #   make fresh-check   (root) both of the above in a clean Debian 12 chroot: .ci/fresh-check
 SHELL := /bin/bash
@@ -13,13 +14,16 @@ PYTEST_ARGS ?=
 # Debian packages: QEMU + AAVMF firmware for boots; grub-mkimage for GRUB loaders; gpgv +
 # keyring for the archive; the venv for the Python side; external judges for the tests
 # (sfdisk, sgdisk, fsck.fat, mtools, genimage, bmaptool, losetup, cpio, gpg, gcc for test
-# modules); mmdebstrap + git for make fresh-check. make itself: README's prerequisite line.
+# modules); mmdebstrap + git for make fresh-check; mmdebstrap, qemu-user-static, binfmt-support,
+# arch-test, fakeroot, e2fsprogs and kmod for root file systems. make itself: the README's
+# prerequisite line.
 SYSTEM_PACKAGES := qemu-system-arm qemu-efi-aarch64 qemu-efi-arm fdisk dosfstools mtools \
 	genimage grub-common bmap-tools gdisk gpgv gnupg debian-archive-keyring xz-utils zstd \
-	python3-venv ca-certificates cpio gcc mount mmdebstrap git
+	python3-venv ca-certificates cpio gcc mount mmdebstrap git \
+	qemu-user-static binfmt-support arch-test fakeroot e2fsprogs kmod
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test system-deps venv bench clean example fresh-check
+.PHONY: demo demo-server test system-deps venv bench clean example fresh-check
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
@@ -41,6 +45,10 @@ venv: system-deps $(VENV)/.installed
 demo: venv
 	$(ARMVM) $(RECIPE)
 	$(ARMVM) boot output/$(basename $(notdir $(RECIPE))).raw
+
+demo-server: venv
+	$(ARMVM) recipes/debian-arm64-server.yaml
+	$(ARMVM) boot output/debian-arm64-server.raw --until-login
 
 test: venv
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)

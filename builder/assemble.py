@@ -5,6 +5,8 @@ import errno
 import os
 from pathlib import Path
 
+from builder.disk.rawio import copy_sparse_into
+
 from builder.errors import ArmvmError
 from builder.layout import Layout
 
@@ -18,6 +20,8 @@ def space_needed(layout: Layout) -> int:
     for p in layout.partitions:
         if p.kind == "esp":
             total += sum(f.size for f in p.files) + 2 * 4 * (p.size(ss) // 4096)
+        if p.content is not None:
+            total += os.stat(p.content).st_blocks * 512
     return total
 
 
@@ -50,6 +54,9 @@ def write_image(layout: Layout, path: Path) -> None:
                       partitions=[GptPartition(p.type_guid, p.unique_guid, p.first_lba,
                                                p.last_lba, p.name) for p in layout.partitions])
             for p in layout.partitions:
+                if p.content is not None:       # a file system image made beforehand (root)
+                    copy_sparse_into(f.fileno(), p.offset(ss), p.content, p.size(ss),
+                                     f"partition {p.number} ({p.name})")
                 if p.kind != "esp":
                     continue
                 write_fat32(f, offset=p.offset(ss), volume_bytes=p.size(ss), sector_size=ss,

@@ -128,8 +128,12 @@ def gather(ctx) -> List[PlannedFile]:
     arch = spec.ARCHES[recipe.arch]
     c.check_supported(recipe)
     kernel = kinfo = initrd = None
+    if recipe.rootfs is not None:
+        from builder.layout import root_fs_ids, root_partition_number
+        ctx.root_uuid = str(root_fs_ids(ctx.seed, root_partition_number(recipe))[0])
     if recipe.kernel:
         kernel, kinfo = c.prepare_kernel(ctx)
+        ctx.kinfo = kinfo
     if recipe.initramfs:
         initrd = c.prepare_initramfs(ctx, kinfo)
     loader, grub_cfg, kind = c.prepare_loader(ctx, kernel, initrd)
@@ -151,7 +155,7 @@ def gather(ctx) -> List[PlannedFile]:
     for dest, path, role in files:
         digest = ctx.hashes.get(path) or sha256_file(path)[0]
         out.append(PlannedFile(dest, path, path.stat().st_size, digest, role))
-    ctx.direct = (kernel, initrd, recipe.kernel.cmdline if recipe.kernel else "")
+    ctx.direct = (kernel, initrd, c.kernel_cmdline(ctx))
     return out
 
 
@@ -198,6 +202,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
             ctx = Context(recipe, fetcher, work, timestamp, archive=archive, index_dir=cache.root / "kernel-index",
                           progress=progress)
             info["ctx"] = ctx
+            ctx.seed = seed
             ctx.stages["recipe"] = time.perf_counter() - t_start
             try:
                 files = gather(ctx)
@@ -205,6 +210,9 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                 raise _with_lock_command(exc, recipe, options) from None
             with ctx.stage("plan"):
                 layout = plan_layout(recipe, files, timestamp=timestamp, seed=seed)
+            if recipe.rootfs is not None:
+                from builder.rootfs import prepare_root
+                layout = prepare_root(ctx, layout)
             image_tmp = staging.temp_path(f"{recipe.name}.raw")
             with ctx.stage("assembly"):
                 write_image(layout, image_tmp)

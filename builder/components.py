@@ -29,6 +29,9 @@ class Context:
     hashes: Dict[Path, str] = field(default_factory=dict)   # sha256 of files already hashed
     direct: tuple = (None, None, "")   # (kernel, initrd, cmdline) for output.direct
     progress: object = None            # builder.progress.BuildProgress (live display), or None
+    seed: str = ""                     # the seed every GUID/UUID is derived from
+    kinfo: object = None               # builder.kernel.KernelInfo of a packaged kernel
+    root_uuid: Optional[str] = None    # file system UUID of the rootfs (known from the seed)
 
     @contextmanager
     def stage(self, name: str):
@@ -129,6 +132,16 @@ def packages_used(recipe: Recipe) -> List[tuple]:
     return list(dict.fromkeys(out))
 
 
+def kernel_cmdline(ctx: Context) -> str:
+    """The recipe's command line, plus root=UUID= of the rootfs (never a device name) unless
+    the recipe names a root= itself."""
+    cmdline = ctx.recipe.kernel.cmdline if ctx.recipe.kernel else ""
+    if ctx.root_uuid and not any(w.startswith("root=") for w in cmdline.split()):
+        fmt = next(p.format for p in ctx.recipe.disk.partitions if p.format)
+        cmdline = f"{cmdline} root=UUID={ctx.root_uuid} rootfstype={fmt} rw".strip()
+    return cmdline
+
+
 def prepare_kernel(ctx: Context):
     """-> (kernel image path, KernelInfo or None)."""
     from builder.kernel import inspect_kernel
@@ -166,7 +179,13 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
                           allowed="kernel: {package: linux-image-...}")
     tree, _ = package_tree(ctx, spec_i.busybox, "busybox")
     busybox = find_busybox(tree)
-    modules = resolve_drivers(kinfo, with_virtio_transports(kinfo, spec_i.drivers))
+    drivers = list(spec_i.drivers)
+    root_fstype = None
+    if ctx.recipe.rootfs is not None:
+        from builder.rootfs import root_fstype_modules
+        root_fstype = next(p.format for p in ctx.recipe.disk.partitions if p.format)
+        drivers += [d for d in root_fstype_modules(kinfo, root_fstype) if d not in drivers]
+    modules = resolve_drivers(kinfo, with_virtio_transports(kinfo, drivers))
     extra = [(e.dest, fetch_source(ctx, e.source, "initramfs.files")) for e in spec_i.files]
     template = spec_i.init.read_text() if spec_i.init else None
     out = ctx.work / "initrd.img"
@@ -174,7 +193,7 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
         build_initramfs(out=out, kernel=kinfo, modules=modules, busybox=busybox, init_template=template,
                         payload=spec_i.payload, extra_files=extra, compression=spec_i.compression,
                         mtime=ctx.timestamp, decompress_modules=spec_i.decompress_modules,
-                        init_template_file=spec_i.init)
+                        init_template_file=spec_i.init, root_fstype=root_fstype)
     return out
 
 
@@ -182,7 +201,7 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
     """-> (loader path, grub.cfg text or None, kind)."""
     b = ctx.recipe.bootloader
     arch = spec.ARCHES[ctx.recipe.arch]
-    cmdline = ctx.recipe.kernel.cmdline if ctx.recipe.kernel else ""
+    cmdline = kernel_cmdline(ctx)
     if b.type == "efi":
         if b.source is None:
             raise RecipeError(ctx.recipe.path, "type efi needs the loader's source", field="bootloader",

@@ -34,13 +34,14 @@ APPLETS = ("sh", "ash", "mount", "umount", "mkdir", "insmod", "rmmod", "lsmod", 
            "cat", "echo", "printf", "ls", "readlink", "basename", "dirname", "grep", "sed",
            "tr", "head", "tail", "wc", "uname", "poweroff", "reboot", "halt", "sleep", "test",
            "[", "true", "false", "sync", "dmesg", "mknod", "ln", "rm", "cp", "mv", "chmod",
-           "find", "xargs", "ps", "kill", "env", "date", "hostname", "switch_root")
+           "find", "xargs", "ps", "kill", "env", "date", "hostname", "switch_root", "findfs")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "init.j2"
 PAYLOAD_PATH = "etc/armvm/payload"
 CONSOLE_MAJOR, CONSOLE_MINOR = 5, 1
 MAX_INIT_BYTES = 1024 * 1024
 MAX_EXTRA_FILES = 100_000
 PT_INTERP = 3
+ROOT_WAIT_SECONDS = 30     # /init waits this long for root=UUID= (rootdelay= overrides)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ INIT_TEMPLATE_VARS = {
     "report_prefix": "Prefix of the runtime report lines (ARMVM-REPORT).",
     "boot_marker": "The line `armvm-build boot` waits for (ARMVM-BOOT-COMPLETE).",
     "load_list": "Path of the module load list in the initramfs (/etc/armvm/modules.load).",
+    "root_fstype": "The root file system's type (ext4) when the image has a rootfs, else none: "
+                   "/init then finds root= and hands over with switch_root.",
+    "root_timeout": "Seconds /init waits for the root device to appear.",
 }
 INIT_TEMPLATE_FILTERS = {"shquote": "Quote a value for the POSIX shell."}
 
@@ -267,7 +271,7 @@ def build_initramfs(*, out: Path, kernel: KernelInfo, modules: Sequence[Module],
                     init_template: str | None = None, payload: str | None = None,
                     extra_files: Sequence[tuple[str, Path]] = (), compression: str = "gzip",
                     mtime: int, decompress_modules: bool = False,
-                    init_template_file=None) -> InitramfsInfo:
+                    init_template_file=None, root_fstype: str | None = None) -> InitramfsInfo:
     if compression not in COMPRESSIONS:
         raise ArmvmError(f"initramfs compression '{compression}' is not supported "
                          f"(allowed: {', '.join(COMPRESSIONS)})")
@@ -300,7 +304,8 @@ def build_initramfs(*, out: Path, kernel: KernelInfo, modules: Sequence[Module],
         module_names=[m.name for m in modules], payload=payload,
         payload_path="/" + PAYLOAD_PATH, kernel_version=kernel.version,
         report_prefix=spec.REPORT_PREFIX, boot_marker=spec.BOOT_MARKER,
-        load_list="/" + spec.INITRD_LOAD_LIST)
+        load_list="/" + spec.INITRD_LOAD_LIST, root_fstype=root_fstype,
+        root_timeout=ROOT_WAIT_SECONDS)
     if init_template is None:
         init_template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
     assert set(variables) == set(INIT_TEMPLATE_VARS)

@@ -40,6 +40,10 @@ class PlannedPartition:
     label: str = ""
     serial: int = 0
     files: Tuple[PlannedFile, ...] = ()
+    fs_format: str = ""                # root: the file system written into it ("ext4")
+    fs_uuid: Optional[uuid.UUID] = None
+    content: Optional[Path] = None     # root: a file of the partition's size holding the file system
+    root_info: Tuple[Tuple[str, object], ...] = ()   # root: manifest facts (source, packages)
 
     def offset(self, sector_size: int) -> int:
         return self.first_lba * sector_size
@@ -79,6 +83,8 @@ class Layout:
                 **({"filesystem": "fat32", "label": p.label, "serial": f"{p.serial:08X}",
                     "files": [{"dest": f.dest, "size": f.size, "sha256": f.sha256, "role": f.role}
                               for f in p.files]} if p.kind == "esp" else {}),
+                **({"filesystem": p.fs_format, "fs_uuid": str(p.fs_uuid), **dict(p.root_info)}
+                   if p.fs_format else {}),
             } for p in self.partitions],
         }
 
@@ -89,6 +95,20 @@ def derive_guid(seed: str, what: str) -> uuid.UUID:
 
 def derive_serial(seed: str, what: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{what}".encode()).digest()[:4], "little")
+
+
+def root_fs_ids(seed: str, number: int) -> Tuple[uuid.UUID, uuid.UUID]:
+    """(file system UUID, directory hash seed) of the root partition `number`, from the seed:
+    known before anything is built, so the kernel command line can name root=UUID=."""
+    return derive_guid(seed, f"fs-uuid:{number}"), derive_guid(seed, f"fs-hash-seed:{number}")
+
+
+def root_partition_number(recipe) -> Optional[int]:
+    """1-based number of the partition the rootfs: section fills, or None."""
+    for i, p in enumerate(recipe.disk.partitions):
+        if p.type == "root" and p.format:
+            return i + 1
+    return None
 
 
 def type_guid_for(kind: str, arch: str) -> uuid.UUID:
@@ -149,6 +169,8 @@ def plan_layout(recipe, esp_files: Sequence[PlannedFile], *, timestamp: int, see
                 plan_fat32(size, ss, [FatFile(f.dest, f.source, f.size) for f in esp_files])
             except ArmvmError as exc:  # the FAT planner's verdict (size, names, duplicates)
                 raise RecipeError(file, str(exc), field=fname) from None
+        if kind == "root" and p.format:
+            extra = dict(fs_format=p.format, fs_uuid=root_fs_ids(seed, i + 1)[0])
         parts.append(PlannedPartition(i + 1, kind, p.name, type_guid_for(p.type, recipe.arch),
                                       derive_guid(seed, f"partition:{i + 1}"), lba, last, **extra))
         lba = last + 1

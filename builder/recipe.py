@@ -53,6 +53,27 @@ class PartitionSpec:
     size: Optional[int]
     label: str
     files: Tuple[FileEntry, ...]
+    format: Optional[str] = None      # root: the file system written from rootfs: ("ext4")
+
+
+@dataclass(frozen=True)
+class RootFileEntry:
+    file: Path
+    dest: str                         # relative path inside the root
+    mode: int
+
+
+@dataclass(frozen=True)
+class RootfsSpec:
+    kind: str                         # "debian" | "tar" | "dir"
+    variant: str = "minbase"          # debian
+    packages: Tuple[str, ...] = ()    # debian
+    path: Optional[Path] = None       # tar, dir
+    hostname: str = "armvm"
+    password_hash: Optional[str] = None
+    network: str = "none"
+    enable: Tuple[str, ...] = ()
+    files: Tuple[RootFileEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,7 @@ class Recipe:
     output: OutputSpec
     digest: str                       # sha256 of the canonical validated recipe
     data: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    rootfs: Optional[RootfsSpec] = None
     lines: Mapping[tuple, int] = field(repr=False, compare=False, default_factory=dict)
     warnings: Tuple[str, ...] = field(compare=False, default=())
 
@@ -328,16 +350,66 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
         if pd["type"] != "esp" and ("files" in pd or "label" in pd):
             raise RecipeError(path, "files and label are only for the esp partition", line=line(*p),
                               field=rv._dotted(p), allowed="type: esp")
+        if "format" in pd and pd["type"].lower() != "root":
+            raise RecipeError(path, "format is only for the partition of type root", line=line(*p, "format"),
+                              field=rv._dotted(p + ("format",)), allowed="type: root")
         parts.append(PartitionSpec(pd["type"].lower(), pd.get("name", pd["type"].upper()), size,
-                                   pd.get("label", "ESP"), files(pd.get("files", []), p + ("files",))))
+                                   pd.get("label", "ESP"), files(pd.get("files", []), p + ("files",)),
+                                   pd.get("format")))
     disk = DiskSpec(rv.parse_size(data["disk"]["size"], file=path, line=line("disk", "size"), field_name="disk.size"),
                     data["disk"].get("sector_size", 512), tuple(parts))
     o = data.get("output", {})
     output = OutputSpec(o.get("bmap", True), o.get("checksum", False), o.get("direct", False))
+    rootfs = _rootfs(path, data, lines, host_path, parts, debian, kernel, initramfs)
     return Recipe(path=path, name=data["name"], arch=data["arch"],
                   source_date_epoch=data.get("source_date_epoch"), seed=data.get("seed"),
                   debian=debian, kernel=kernel, initramfs=initramfs, bootloader=bootloader,
-                  disk=disk, output=output, digest=digest, data=data, lines=lines)
+                  disk=disk, output=output, digest=digest, data=data, lines=lines, rootfs=rootfs)
+
+
+def _rootfs(path, data, lines, host_path, parts, debian, kernel, initramfs) -> Optional[RootfsSpec]:
+    """The rootfs: section, checked against the partitions, kernel and initramfs it needs."""
+    formatted = [i for i, p in enumerate(parts) if p.format]
+    r = data.get("rootfs")
+    if r is None:
+        if formatted:
+            i = formatted[0]
+            raise RecipeError(path, "a partition with format: needs a rootfs: section to fill it",
+                              line=lines.get(("disk", "partitions", i, "format")),
+                              field=f"disk.partitions[{i}].format", allowed="rootfs: {debian: ...}, {tar: ...} or {dir: ...}")
+        return None
+    kinds = [k for k in ("debian", "tar", "dir") if k in r]
+    if len(kinds) != 1:
+        raise RecipeError(path, f"names {len(kinds)} root sources" + (f" ({', '.join(kinds)})" if kinds else ""),
+                          line=lines.get(("rootfs",)), field="rootfs", allowed="exactly one of debian, tar, dir")
+    roots = [i for i, p in enumerate(parts) if p.type == "root"]
+    if len(roots) != 1 or parts[roots[0]].format is None:
+        raise RecipeError(path, f"the rootfs needs exactly one partition of type root with a format "
+                          f"(found {len(roots)} root partition(s))", line=lines.get(("disk", "partitions")),
+                          field="disk.partitions", allowed="- {type: root, format: ext4}")
+    if kinds[0] == "debian" and debian is None:
+        raise RecipeError(path, "rootfs.debian builds from the recipe's Debian archive, but the recipe has no "
+                          "`debian:` section", line=lines.get(("rootfs", "debian")), field="debian",
+                          allowed="debian: {suite: trixie}")
+    if kernel is None or kernel.source.kind != "package":
+        raise RecipeError(path, "a rootfs needs the kernel as a Debian package (its modules go into the root)",
+                          line=lines.get(("kernel",)), field="kernel.package", allowed="kernel: {package: linux-image-...}")
+    if initramfs is None:
+        raise RecipeError(path, "a rootfs needs an initramfs (its /init finds the root by UUID and hands over)",
+                          line=lines.get(("rootfs",)), field="initramfs", allowed="initramfs: {}")
+    d = r.get("debian", {})
+    entries = []
+    for n, e in enumerate(r.get("files", [])):
+        p = ("rootfs", "files", n)
+        dest = check_dest(e["dest"], path, lines.get(p + ("dest",)), rv._dotted(p + ("dest",)), fat=False)
+        entries.append(RootFileEntry(host_path(e["file"], p + ("file",)), dest, int(e.get("mode", "0644"), 8)))
+    source_path = None
+    if kinds[0] in ("tar", "dir"):
+        source_path = host_path(r[kinds[0]], ("rootfs", kinds[0]))
+    return RootfsSpec(kinds[0], d.get("variant", "minbase"), tuple(d.get("packages", [])), source_path,
+                      r.get("hostname", re.sub(r"[^a-z0-9-]", "-", data["name"].lower()).strip("-")[:63] or "armvm"),
+                      r.get("password_hash"), r.get("network", "none"), tuple(r.get("enable", [])),
+                      tuple(entries))
 
 
 def check_dest(dest: str, file, line, fname, *, fat: bool = True) -> str:

@@ -13,6 +13,7 @@ MAX_DISK_BYTES = 16 * 1024 ** 4          # 16 TiB: sparse, but bounded before al
 MAX_PARTITIONS = 128                     # the GPT entry array we write
 MAX_FILES = 10000                        # files per partition
 MAX_DRIVERS = 512
+MAX_ROOT_PACKAGES = 1000
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -114,6 +115,46 @@ SCHEMA = {
                            "description": "grub: a Jinja2 template replacing the default grub.cfg."},
             },
         },
+        "rootfs": {
+            "type": "object", "additionalProperties": False,
+            "description": "The root file system of a real OS image: built from Debian packages, a tarball or a folder, "
+                           "written into the partition of type root (with format: ext4); the kernel command line gets root=UUID=.",
+            "properties": {
+                "debian": {
+                    "type": "object", "additionalProperties": False,
+                    "description": "Build the root with mmdebstrap from the recipe's debian: archive (foreign arches via qemu-user-static).",
+                    "properties": {
+                        "variant": {"type": "string", "enum": ["extract", "essential", "apt", "required", "minbase",
+                                                               "buildd", "important", "standard"],
+                                    "default": "minbase", "description": "mmdebstrap variant."},
+                        "packages": {"type": "array", "maxItems": MAX_ROOT_PACKAGES, "default": [],
+                                     "items": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.+-]+$"},
+                                     "description": "Packages to install on top of the variant."},
+                    },
+                },
+                "tar": {"type": "string", "x-kind": "path",
+                        "description": "A root tarball (plain, gzip, xz, bzip2 or zstd): mmdebstrap, debootstrap, docker export."},
+                "dir": {"type": "string", "x-kind": "path",
+                        "description": "A root folder; ownership on disk is taken as the truth."},
+                "hostname": {"type": "string", "pattern": r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                             "description": "/etc/hostname (default: the recipe name, lower case)."},
+                "password_hash": {"type": "string", "pattern": r"^\$[0-9a-z]+\$[^:\s]+$",
+                                  "description": "root's crypt(3) password hash (e.g. from mkpasswd); without it or a key root stays locked."},
+                "network": {"type": "string", "enum": ["dhcp", "none"], "default": "none",
+                            "description": "dhcp: systemd-networkd DHCP on every Ethernet NIC (needs systemd-networkd in the root)."},
+                "enable": {"type": "array", "maxItems": 64, "default": [],
+                           "items": {"type": "string", "pattern": r"^[A-Za-z0-9@._-]+\.(service|socket|timer|path|target)$"},
+                           "description": "systemd units to enable (wants/ links from their [Install] section)."},
+                "files": {"type": "array", "maxItems": MAX_FILES, "default": [],
+                          "description": "Files to place in the root (dest is the path inside it, e.g. root/.ssh/authorized_keys).",
+                          "items": {"type": "object", "additionalProperties": False, "required": ["file", "dest"],
+                                    "properties": {
+                                        "file": SOURCE_PROPS["file"],
+                                        "dest": {"type": "string", "description": "Path inside the root."},
+                                        "mode": {"type": "string", "pattern": r"^0?[0-7]{3,4}$", "default": "0644",
+                                                 "description": "Octal mode, e.g. \"0600\"."}}}},
+            },
+        },
         "disk": {
             "type": "object", "additionalProperties": False, "required": ["size", "partitions"],
             "description": "The raw disk.",
@@ -135,6 +176,8 @@ SCHEMA = {
                                      "description": "GPT partition name (default: the type in upper case)."},
                             "size": {"type": "string", "x-kind": "size",
                                      "description": "Size; the last partition may omit it to fill the disk."},
+                            "format": {"type": "string", "enum": ["ext4"],
+                                       "description": "root: the file system written from the rootfs: section."},
                             "label": {"type": "string", "pattern": r"^[A-Z0-9 _!#$%&'()@^`{}~-]{1,11}$",
                                       "description": "esp: FAT volume label (upper case, up to 11 characters; default ESP)."},
                             "files": {"type": "array", "maxItems": MAX_FILES, "items": FILE_ENTRY, "default": [],

@@ -20,8 +20,8 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def copy_file_into(fd: int, offset: int, source, size: int, what: str) -> None:
-    """Copy ``size`` bytes of file ``source`` into ``fd`` at ``offset``.
+def copy_file_into(fd: int, offset: int, source, size: int, what: str, src_start: int = 0) -> None:
+    """Copy ``size`` bytes of file ``source`` (from ``src_start``) into ``fd`` at ``offset``.
 
     Uses os.copy_file_range (no data through user space), falling back to 1 MiB
     pread/pwrite chunks; never holds the whole file in memory. ``what`` names the file
@@ -39,14 +39,14 @@ def copy_file_into(fd: int, offset: int, source, size: int, what: str) -> None:
             got = None
             if kernel:
                 try:
-                    got = os.copy_file_range(src, fd, min(want, _KERNEL_COPY_MAX), done,
-                                             offset + done)
+                    got = os.copy_file_range(src, fd, min(want, _KERNEL_COPY_MAX),
+                                             src_start + done, offset + done)
                 except OSError as err:
                     if err.errno not in _NO_KERNEL_COPY:
                         raise
                     kernel = False
             if got is None:
-                chunk = os.pread(src, min(want, COPY_CHUNK), done)
+                chunk = os.pread(src, min(want, COPY_CHUNK), src_start + done)
                 pwrite_all(fd, chunk, offset + done)
                 got = len(chunk)
             if got == 0:
@@ -55,3 +55,27 @@ def copy_file_into(fd: int, offset: int, source, size: int, what: str) -> None:
             done += got
     finally:
         os.close(src)
+
+
+def copy_sparse_into(fd: int, offset: int, source, size: int, what: str) -> None:
+    """Copy the data ranges of the sparse file ``source`` (exactly ``size`` bytes) into
+    ``fd`` at ``offset``; its holes stay holes in the image."""
+    actual = os.stat(source).st_size
+    if actual != size:
+        raise ArmvmError(f"{what}: {source} has {actual} bytes, the partition {size}")
+    ranges = []
+    src = os.open(source, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(src, pos, os.SEEK_DATA)
+            except OSError:          # ENXIO: only a hole remains
+                break
+            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+            ranges.append((start, end))
+            pos = end
+    finally:
+        os.close(src)
+    for start, end in ranges:
+        copy_file_into(fd, offset + start, source, end - start, what, src_start=start)
