@@ -113,6 +113,9 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
     # nothing boots from the network, and the iPXE ROM (package ipxe-qemu, only a Recommends
     # of qemu-system-arm) need not exist. The firmware starts faster without it too.
     cmd += ["-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile="]
+    # An entropy source, as real hypervisors give: AAVMF passes its output to the kernel
+    # (EFI RNG protocol), so a real OS does not wait ~30 s for entropy at first boot.
+    cmd += ["-device", "virtio-rng-pci"]
     if image is not None:
         blk = "virtio-blk-pci,drive=disk0"
         if sector_size not in (None, 512, 4096):

@@ -159,6 +159,7 @@ def test_default_aarch64_command():
         "-drive", "if=pflash,format=raw,readonly=on,file=/fw/CODE.fd",
         "-drive", "if=pflash,format=raw,file=/tmp/x/VARS.fd",
         "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile=",
+        "-device", "virtio-rng-pci",
         "-drive", "if=none,id=disk0,format=raw,file=/img/disk.raw,snapshot=on",
         "-device", "virtio-blk-pci,drive=disk0"]
 
@@ -202,7 +203,7 @@ def test_4096_sectors():
 def test_extra_virtio():
     c = cmd(extra_virtio=True)
     devices = [c[i + 1].split(",")[0] for i, a in enumerate(c) if a == "-device"]
-    assert devices == ["virtio-net-pci", "virtio-blk-pci", "virtio-balloon-pci",
+    assert devices == ["virtio-net-pci", "virtio-rng-pci", "virtio-blk-pci", "virtio-balloon-pci",
                        "virtio-serial-pci", "virtconsole", "virtio-blk-device",
                        "virtio-net-device", "virtio-serial-device", "virtconsole"]
     c = cmd(extra_virtio="mmio")
