@@ -116,10 +116,26 @@ def make_kernel(arch: str) -> bytes:
     return make_pe(MACHINE[arch], MAGIC[arch], 10, [(".data", filler)], patch=put)
 
 
+def grub_mods(prefix: Optional[str] = "/EFI/BOOT", config: Optional[str] = None) -> bytes:
+    """A GRUB ``mods`` section as grub-mkimage lays it out (grub_module_info64, then
+    grub_module_header objects: 3 = prefix, 2 = config), written from GRUB's kernel.h."""
+    objs = b""
+    for otype, text in ((3, prefix), (2, config)):
+        if text is not None:
+            data = text.encode() + b"\0"
+            data += b"\0" * (-len(data) % 8)
+            objs += struct.pack("<II", otype, 8 + len(data)) + data
+    return struct.pack("<IIQQ", 0x676D696D, 0, 24, 24 + len(objs)) + objs
+
+
 def make_loader(arch: str, machine: Optional[int] = None, subsystem: int = 10,
-                sections=()) -> bytes:
+                sections=(), prefix: Optional[str] = "/EFI/BOOT",
+                config: Optional[str] = None, mods: bool = True) -> bytes:
+    """A GRUB-like loader: a PE image with a ``mods`` section carrying the prefix
+    (``mods=False``: an unknown loader without one)."""
+    secs = list(sections) + ([("mods", grub_mods(prefix, config))] if mods else [])
     return make_pe(MACHINE[arch] if machine is None else machine, MAGIC[arch], subsystem,
-                   sections, text=b"GRUB test loader\0" * 16)
+                   secs, text=b"GRUB test loader\0" * 16)
 
 
 def make_uki(arch: str, initrd: bytes, *, drop=(), cmdline: str = "console=ttyAMA0 quiet"

@@ -406,7 +406,8 @@ def test_debian_signed_grub_location_and_concatenated_initrds(tmp_path):
     cfg = b"menuentry d {\n linux /vmlinuz\n initrd /early.img /initrd.img\n}\n"
     early = g.newc([("kernel/x86/microcode/GenuineIntel.bin", 0o100644, b"u" * 7)])
     img = g.build_image(tmp_path, g.ImageSpec(esp_files={
-        "EFI/BOOT/grub.cfg": None, "EFI/debian/grub.cfg": cfg, "early.img": early}))
+        "EFI/BOOT/grub.cfg": None, "EFI/debian/grub.cfg": cfg, "early.img": early,
+        "EFI/BOOT/BOOTAA64.EFI": g.make_loader("aarch64", prefix="/EFI/debian")}))
     r = verify.verify_image(img).by_id()
     assert "/EFI/debian/grub.cfg" in r["boot.chain"].detail
     assert all(c.result == "pass" or not c.applicable for c in r.values()), [
@@ -559,7 +560,8 @@ def test_debian_installed_stub_config_is_skip(tmp_path):
             b"set prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n")
     img = g.build_image(tmp_path, g.ImageSpec(esp_files={
         "EFI/BOOT/grub.cfg": None, "EFI/debian/grub.cfg": stub, "vmlinuz": None,
-        "initrd.img": None}))
+        "initrd.img": None, "EFI/BOOT/BOOTAA64.EFI": g.make_loader("aarch64",
+                                                                     prefix="/EFI/debian")}))
     r = verify.verify_image(img).by_id()
     assert r["boot.chain"].result == "skip" and "outside the ESP" in r["boot.chain"].detail
     assert r["boot.kernel"].result == "skip" and r["os.gic"].result == "skip"
