@@ -16,13 +16,14 @@ from builder import spec
 from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
 from builder.verify import checks_image, checks_os, checks_root
 from builder.verify.blob import FileBlob
+from builder.verify.container import NotRawDiskError, check_raw
 from builder.verify.catalog import (CHECKS, DEFAULT_PROFILE, PROFILES, STATIC_IDS,
                                     check_profile, make_check)
 from builder.verify.report import Check, Report
 from builder.verify.runtime import (RuntimeFacts, merge_runtime, parse_runtime_report,
                                      runtime_checks)
 
-__all__ = ["verify_image", "Check", "Report", "PROFILES", "CHECKS", "STATIC_IDS",
+__all__ = ["verify_image", "NotRawDiskError", "Check", "Report", "PROFILES", "CHECKS", "STATIC_IDS",
            "RuntimeFacts", "parse_runtime_report", "runtime_checks", "merge_runtime"]
 
 ARCH_CHOICES = ("auto",) + tuple(spec.ARCHES)
@@ -67,7 +68,8 @@ def _open_image(path: str):
 def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE) -> Report:
     """Run every static check on the image at ``path``.
 
-    Raises NotAnImageError (exit 3) when ``path`` is not a readable disk image at all, and
+    Raises NotAnImageError (exit 3) when ``path`` is not a readable disk image at all
+    (NotRawDiskError when it is a qcow2/VMDK/VHD/VHDX/VDI container or compressed), and
     ArmvmError (exit 2) for an unknown ``arch`` or ``profile``.
     """
     check_profile(profile)
@@ -77,7 +79,9 @@ def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE) ->
     name = os.fspath(path)
     f, size = _open_image(name)
     with f:
-        ctx = checks_image.Context(profile, FileBlob(f, 0, None, size))
+        blob = FileBlob(f, 0, None, size)
+        check_raw(blob, name)
+        ctx = checks_image.Context(profile, blob)
         checks_image.run(ctx, arch, _guard)
         _guard(ctx, checks_os.OS_IDS, lambda: checks_os.run(ctx))
         checks_root.run(ctx, _guard)
