@@ -37,17 +37,17 @@ class NotRawDiskError(NotAnImageError):
 
 def identify(blob: Blob) -> Optional[tuple]:
     """(description, conversion command template) when ``blob`` is not a raw disk."""
+    if blob.read_at(0, 8) != VHD_FOOTER and blob.size >= 512 and blob.size % 512 == 0 and \
+            blob.read_at(blob.size - 512, 8) == VHD_FOOTER:
+        return ("a fixed VHD image (a raw disk followed by a 512-byte VHD footer, so the "
+                "backup GPT header is not at the last sector)",
+                "qemu-img convert -f vpc -O raw {name} {stem}.raw (qemu-utils)")
     if any(blob.read_at(bs, 8) == b"EFI PART" for bs in (512, 4096)):
         return None                     # a GPT disk, whatever its boot code starts with
     head = blob.read_at(0, 0x48)
     for off, magic, what, how in MAGICS:
         if head[off:off + len(magic)] == magic:
             return what, how
-    if blob.size >= 512 and blob.size % 512 == 0 and \
-            blob.read_at(blob.size - 512, 8) == VHD_FOOTER:
-        return ("a fixed VHD image (a raw disk followed by a 512-byte VHD footer, so the "
-                "backup GPT header is not at the last sector)",
-                "qemu-img convert -f vpc -O raw {name} {stem}.raw (qemu-utils)")
     return None
 
 
@@ -58,10 +58,10 @@ def check_raw(blob: Blob, name: str) -> None:
     if hit is None:
         return
     what, how = hit
-    stem = name.rsplit("/", 1)[-1]
+    stem = name
     for ext in (".qcow2", ".qcow", ".vmdk", ".vhdx", ".vhd", ".vdi", ".xz", ".zst", ".gz",
                 ".bz2"):
-        if stem.lower().endswith(ext):
+        if stem.lower().endswith(ext) and len(stem) > len(ext):
             stem = stem[:-len(ext)]
             break
     raise NotRawDiskError(f"{name}: {what}, not a raw disk image; convert it first: "
