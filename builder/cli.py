@@ -158,6 +158,9 @@ def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or ano
            arch: str = typer.Option("auto", "--arch", help="auto, aarch64 or armv7."),
            profile: str = typer.Option("vmspec-2.0", "--profile", help="vmspec-2.0, vmspec-1.0 or rfc-v2."),
            strict: bool = typer.Option(False, "--strict", help="Fail on SHOULD warnings and skipped checks too."),
+           kernel_config: Optional[Path] = typer.Option(None, "--kernel-config", help="The kernel's .config "
+                                                        "(e.g. /boot/config-<version>) for the os.* checks when the "
+                                                        "initramfs carries none (other tools' images)."),
            as_json: bool = typer.Option(False, "--json", help="JSON report on stdout.")):
     """Check an image against every static requirement of the ARM VM System Specification."""
     if arch not in ("auto", "aarch64", "armv7"):
@@ -166,7 +169,7 @@ def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or ano
         raise typer.BadParameter("use vmspec-2.0, vmspec-1.0 or rfc-v2", param_hint="--profile")
     from builder.verify import verify_image
     try:
-        report = verify_image(image, arch=arch, profile=profile)
+        report = verify_image(image, arch=arch, profile=profile, kernel_config=kernel_config)
     except ArmvmError as err:
         _fail(err, as_json)
     typer.echo(json.dumps(report.to_json(), indent=2) if as_json else report.format_table())

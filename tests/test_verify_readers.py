@@ -446,7 +446,15 @@ def test_driver_rules():
     kf.load_order = ["virtio_net", "failover", "net_failover", "virtio_balloon"]
     res, why = judge("os.virtio", kf)
     assert res == "fail" and "after" in why
-    kf.load_order = None
+    kf.load_order = None            # another tool's initramfs: its init loads on demand
+    res, why = judge("os.virtio", kf)
+    assert res == "pass" and "module virtio_net with net_failover, failover in the " \
+        "initramfs (its init loads it on demand)" in why
+    del kf.modules["failover"]
+    res, why = judge("os.virtio", kf)
+    assert res == "fail" and "failover (needed by net_failover) is not in the initramfs" in why
+    kf.modules["failover"] = Module("failover", "failover.ko", [])
+    kf.own_layout = True            # ours (our config copy is there): modules.load is required
     assert "modules.load is missing" in judge("os.virtio", kf)[1]
     kf = _kf({"CONFIG_RTC_DRV_EFI": "m"}, set(), {"rtc_efi": []}, ["rtc_efi"])
     assert judge("os.rtc-efi", kf)[0] == "pass"

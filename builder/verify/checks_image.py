@@ -38,6 +38,7 @@ class Context:
     loader_pe: object = None
     chain: object = None                 # chain.Chain
     fat_problems: list = field(default_factory=list)
+    kernel_config: object = None         # (CONFIG_X -> value, where from) from --kernel-config
     esp_typed: bool = False              # a partition is typed as ESP (GPT GUID or MBR 0xEF)
     initrd: object = None                # (Initramfs, note) once read; see checks_os
     parts: object = None                 # probed partitions (checks_root.Part list)
