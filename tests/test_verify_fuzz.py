@@ -138,4 +138,7 @@ def test_cpio_reader_never_crashes(data, compress):
     blob = {"none": blob, "gzip": gzip.compress(blob),
             "zstd": zstandard.ZstdCompressor().compress(blob)}[compress]
     fs = read_initramfs(BytesBlob(blob), want=is_wanted)
-    kernel_facts(fs)
+    # the complete first member is kept whatever follows it, and the reader stays bounded
+    kf = kernel_facts(fs)
+    assert kf is not None and kf.version == "1" and kf.config == {"CONFIG_A": "y"}
+    assert fs.entries <= 1 + len(data) // 110 + 1 and fs.total <= 200 + len(data)
