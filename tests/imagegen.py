@@ -221,6 +221,7 @@ class ImageSpec:
     second_partition: bool = True
     sector_size: int = 512          # 4096: GPT written by the test-side writer below
     mkfs_args: tuple = ()           # replaces the -F/-s choice (e.g. a FAT32 BPB, few clusters)
+    mkfs_blocks: Optional[int] = None    # mkfs.fat's BLOCK-COUNT (1 KiB): an exact size
     populate: bool = True           # False: an empty file system (mtools cannot write it)
     second_type: str = LINUX_DATA_GUID   # the blank second partition (no file system)
     root: Optional["RootSpec"] = None    # a real root file system as partition 2
@@ -335,7 +336,8 @@ def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
     fat = ["-F", "32", "-s", "1"] if s.fat_bits == 32 else ["-F", "16"]
     fat = list(s.mkfs_args) or fat
     fat += ["-S", str(s.sector_size)]
-    run("mkfs.fat", *fat, "-n", "ESP", "-i", "1234ABCD", "--invariant", part)
+    run("mkfs.fat", *fat, "-n", "ESP", "-i", "1234ABCD", "--invariant", part,
+        *([str(s.mkfs_blocks)] if s.mkfs_blocks else []))
     files = default_esp(s.arch, s.cmdline) if s.populate else {}
     files.update(s.esp_files)
     dirs = sorted({"/".join(p.split("/")[:i]) for p in files if files[p] is not None
