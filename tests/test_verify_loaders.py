@@ -216,6 +216,22 @@ def test_real_grub_mkimage_prefixes(tmp_path, grub_modules, prefix, cfg_at, embe
     assert f"prefix '{prefix}'" in r["boot.chain"].detail
 
 
+@pytest.mark.network
+@pytest.mark.parametrize("search,verdict", [(True, "pass"), (False, "skip")])
+def test_real_grub_mkstandalone_memdisk(tmp_path, grub_modules, search, verdict):
+    """grub-mkstandalone: prefix (memdisk)/boot/grub, grub.cfg in a tar memdisk; $root
+    starts on the memdisk, so only a config that searches the ESP names files verify reads."""
+    cfg = tmp_path / "mem.cfg"
+    cfg.write_bytes((b"search --file --set=root /vmlinuz\n" if search else b"") + CFG)
+    out = tmp_path / "standalone.efi"
+    g.run("grub-mkstandalone", "-O", "arm64-efi", "-d", grub_modules, "-o", out,
+          f"boot/grub/grub.cfg={cfg}")
+    r = _verify(tmp_path, {"EFI/BOOT/grub.cfg": None, "EFI/BOOT/BOOTAA64.EFI": out.read_bytes()})
+    assert r["boot.chain"].result == verdict, r["boot.chain"].detail
+    assert "prefix '(memdisk)/boot/grub'" in r["boot.chain"].detail
+    assert "memdisk" in r["boot.chain"].detail
+
+
 @pytest.fixture(scope="module")
 def systemd_boot(pytestconfig):
     tree = _debian_tree(pytestconfig, "trixie", "arm64", "systemd-boot-efi")

@@ -118,8 +118,10 @@ def _grub_image(ctx, pe, names: set) -> None:
     if dev == "memdisk":
         raw = gi.memdisk_file(pcfg)
         if raw is not None:
-            _grub(ctx, f"(memdisk){pcfg}", loader_dir, text=raw.decode("utf-8", "replace"),
-                  note=f"{what} reads grub.cfg from its memdisk")
+            # GRUB starts with $root on the memdisk: files named without a device are read
+            # there (not checked) unless the config searches for the ESP
+            _grub(ctx, f"(memdisk){pcfg}", loader_dir, text="set root=memdisk\n" +
+                  raw.decode("utf-8", "replace"), note=f"{what} reads grub.cfg from its memdisk")
             return
     elif dev:
         _grub(ctx, "(prefix)", loader_dir, text=f"configfile ({dev}){pcfg}\n",
