@@ -222,6 +222,7 @@ class ImageSpec:
     sector_size: int = 512          # 4096: GPT written by the test-side writer below
     mkfs_args: tuple = ()           # replaces the -F/-s choice (e.g. a FAT32 BPB, few clusters)
     mkfs_blocks: Optional[int] = None    # mkfs.fat's BLOCK-COUNT (1 KiB): an exact size
+    second_files: Optional[dict] = None  # the second partition as FAT (mkfs.fat) with files
     populate: bool = True           # False: an empty file system (mtools cannot write it)
     second_type: str = LINUX_DATA_GUID   # the blank second partition (no file system)
     root: Optional["RootSpec"] = None    # a real root file system as partition 2
@@ -354,12 +355,32 @@ def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
     run("dd", f"if={part}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse",
         "status=none")
     part.unlink()
+    if s.second_files is not None and s.second_partition and s.root is None:
+        run("truncate", "-s", "8M", part)
+        run("mkfs.fat", "-n", "XBOOT", "-i", "5678ABCD", "--invariant", part)
+        _fill_fat(dirpath, part, s.second_files, name)
+        run("dd", f"if={part}", f"of={disk}", "bs=1M", f"seek={1 + s.esp_mib}",
+            "conv=notrunc,sparse", "status=none")
+        part.unlink()
     if s.root is not None:
         rootfs = make_root_fs(dirpath / (name + ".root"), s.root)
         run("dd", f"if={rootfs}", f"of={disk}", "bs=1M", f"seek={1 + s.esp_mib}",
             "conv=notrunc,sparse", "status=none")
         rootfs.unlink()
     return disk
+
+
+def _fill_fat(dirpath: Path, part: Path, files: dict, name: str) -> None:
+    dirs = sorted({"/".join(p.split("/")[:i]) for p in files if files[p] is not None
+                   for i in range(1, p.count("/") + 1)})
+    for d in dirs:
+        run("mmd", "-i", part, f"::/{d}")
+    src = dirpath / (name + ".payload")
+    for path, data in files.items():
+        if data is not None:
+            src.write_bytes(data)
+            run("mcopy", "-i", part, src, f"::/{path}")
+    src.unlink(missing_ok=True)
 
 
 def write_gpt(disk: Path, parts: list, bs: int) -> None:

@@ -117,6 +117,27 @@ def test_systemd_boot_entry_for_another_architecture_is_ignored(tmp_path):
     assert r["boot.chain"].result == "pass" and "'a.conf'" in r["boot.chain"].detail
 
 
+XBOOTLDR = "BC13C2FF-59E6-4262-A352-B275FD6F7172"
+
+
+def test_systemd_boot_entries_on_xbootldr(tmp_path):
+    """Entries and kernels on the Extended Boot Loader partition (a FAT made by mkfs.fat)."""
+    files = {"loader/entries/debian.conf": _entry("/vmlinuz"),
+             "vmlinuz": g.make_kernel("aarch64"), "initrd.img": g.make_initramfs()}
+    r = _verify(tmp_path, _sd_files(), second_type=XBOOTLDR, second_files=files)
+    assert r["boot.chain"].result == "pass", r["boot.chain"].detail
+    assert "on the XBOOTLDR partition 2" in r["boot.chain"].detail
+    assert r["boot.kernel"].result == "pass" and _bad(r) == []
+    del files["vmlinuz"]
+    r = _verify(tmp_path, _sd_files(), name="b.raw", second_type=XBOOTLDR,
+                second_files=files)
+    assert r["boot.chain"].result == "fail"
+    assert "/vmlinuz does not exist on the XBOOTLDR partition 2" in r["boot.chain"].detail
+    r = _verify(tmp_path, _sd_files(), name="c.raw", second_type=XBOOTLDR)   # no FAT
+    assert r["boot.chain"].result == "fail" and "XBOOTLDR partition 2 holds no FAT" in \
+        r["boot.chain"].detail
+
+
 def test_boot_loader_spec_order():
     e = [sdboot.entry_from_conf(n, "", t) for n, t in (
         ("b-1.conf", ""), ("a-2.conf", ""), ("z.conf", "sort-key debian\nversion 6.1\n"),

@@ -15,8 +15,8 @@ from typing import Optional
 
 from builder import spec
 from builder.verify import ext4, grubcfg, grubimg, kernelimg, sdboot
-from builder.verify.blob import Blob, ConcatBlob
-from builder.verify.fat import FatError
+from builder.verify.blob import Blob, ConcatBlob, SliceBlob
+from builder.verify.fat import FatError, FatVolume
 from builder.verify.pe import PeError, parse_pe, section_blob
 
 # Where grub-install's configuration lives on a Linux file system (root or a /boot partition).
@@ -148,22 +148,25 @@ def _sdboot(ctx) -> None:
             default = v
     entries, bad = [], []
     arch_name = sdboot.ARCH_NAMES.get(ctx.arch or "", "")
-    for d, ext in ((sdboot.ENTRIES_DIR, ".conf"), (sdboot.UKI_DIR, ".efi")):
-        for name in _list(ctx, d):
+    xvols, xnotes = _xbootldr(ctx)
+    for (vol, where), d, ext in [(v, d, x) for v in [(ctx.vol, "the ESP")] + xvols
+                                 for d, x in ((sdboot.ENTRIES_DIR, ".conf"),
+                                              (sdboot.UKI_DIR, ".efi"))]:
+        for name in _list(ctx, d, vol):
             if not name.lower().endswith(ext) or name.startswith(".") or \
                     len(entries) >= sdboot.MAX_ENTRIES:
                 continue
             path = f"{d}/{name}"
             if ext == ".conf":
-                e = sdboot.entry_from_conf(name, path, _read_text(ctx, path, sdboot.MAX_CONF)
-                                           or "")
+                e = sdboot.entry_from_conf(name, path, _read_text(ctx, path, sdboot.MAX_CONF,
+                                                                  vol) or "")
                 if e.architecture and arch_name and e.architecture.lower() != arch_name:
                     continue
                 if not (e.linux or e.efi):
                     bad.append(f"{path} has neither 'linux' nor 'efi'")
                     continue
             else:
-                blob, _ = _open(ctx, path)
+                blob, _ = _open(ctx, path, vol)
                 try:
                     upe = parse_pe(blob) if blob is not None else None
                 except PeError:
@@ -173,18 +176,21 @@ def _sdboot(ctx) -> None:
                     continue
                 osrel = section_blob(blob, upe.section(".osrel")).read_at(0, sdboot.MAX_CONF)
                 e = sdboot.entry_from_osrel(name, path, osrel.decode("utf-8", "replace"))
+            e.vol, e.where = vol, where
             entries.append(e)
     e, how = sdboot.default_entry(entries, default)
     found = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
     if e is None:
         ctx.set("boot.chain", "fail", f"systemd-boot finds no entry in {sdboot.ENTRIES_DIR} "
                 f"or {sdboot.UKI_DIR}" + (f" ({'; '.join(bad[:3])})" if bad else "") +
-                ("" if conf is not None else f"; no {sdboot.LOADER_CONF}"))
+                ("" if conf is not None else f"; no {sdboot.LOADER_CONF}") +
+                "".join(f"; {n}" for n in xnotes))
         return
-    head = f"systemd-boot ({found}) boots '{e.id}' ({how})"
+    on = "" if e.vol is ctx.vol else f" on {e.where}"
+    head = f"systemd-boot ({found}) boots '{e.id}'{on} ({how})"
     if e.type == 2 or (e.efi and not e.linux):
         path = e.path if e.type == 2 else "/" + e.efi.lstrip("/")
-        blob, why = _open(ctx, path)
+        blob, why = _open(ctx, path, e.vol, e.where)
         if blob is None:
             ctx.set("boot.chain", "fail", f"{head}: {why}")
             return
@@ -203,7 +209,7 @@ def _sdboot(ctx) -> None:
     missing, blobs = [], []
     for f in [e.linux] + e.initrds:
         p = "/" + f.replace("\\", "/").lstrip("/")
-        b, why = _open(ctx, p)
+        b, why = _open(ctx, p, e.vol, e.where)
         if b is None:
             missing.append(why)
         blobs.append(b)
@@ -224,20 +230,22 @@ def _sdboot(ctx) -> None:
                                   f"'{e.cmdline[:80]}'")
 
 
-def _list(ctx, path: str) -> list:
+def _list(ctx, path: str, vol=None) -> list:
+    vol = vol or ctx.vol
     try:
-        d = ctx.vol.lookup(path)
+        d = vol.lookup(path)
         if d is None or not d.is_dir:
             return []
-        return sorted(x.name for x in ctx.vol.list_dir(d.first_cluster or None, path)
+        return sorted(x.name for x in vol.list_dir(d.first_cluster or None, path)
                       if not x.is_dir and x.name not in (".", ".."))
     except FatError as err:
-        ctx.fat_problems.append(str(err))
+        if vol is ctx.vol:
+            ctx.fat_problems.append(str(err))
         return []
 
 
-def _read_text(ctx, path: str, limit: int):
-    b, _ = _open(ctx, path)
+def _read_text(ctx, path: str, limit: int, vol=None):
+    b, _ = _open(ctx, path, vol)
     return None if b is None else b.read_at(0, limit).decode("utf-8", "replace")
 
 
@@ -269,16 +277,40 @@ def _uki(ctx, pe, blob, where: str) -> None:
                                   f"{ch.initrd.size} bytes, .cmdline '{cmdline[:80]}'{osrel}")
 
 
-def _open(ctx, path: str):
-    """(blob, error) for a file on the ESP."""
+def _open(ctx, path: str, vol=None, where: str = "the ESP"):
+    """(blob, error) for a file on the ESP (or on ``vol``, e.g. an XBOOTLDR partition)."""
+    vol = vol or ctx.vol
     try:
-        e = ctx.vol.lookup(path)
+        e = vol.lookup(path)
         if e is None:
-            return None, f"{path} does not exist on the ESP"
-        return ctx.vol.open(e, path), ""
+            return None, f"{path} does not exist on {where}"
+        return vol.open(e, path), ""
     except FatError as err:
-        ctx.fat_problems.append(str(err))
+        if vol is ctx.vol:
+            ctx.fat_problems.append(str(err))
         return None, f"{path} cannot be read: {err}"
+
+
+def _xbootldr(ctx) -> tuple:
+    """([(FatVolume, description)], notes) for XBOOTLDR partitions, where systemd-boot also
+    looks for entries (Boot Loader Specification: the Extended Boot Loader partition)."""
+    vols, notes = [], []
+    g = ctx.gpt
+    if g is None:
+        return vols, notes
+    bs = g.sector_size or 512
+    for p in g.entries:
+        if p.type_guid != spec.XBOOTLDR_TYPE_GUID:
+            continue
+        where = f"the XBOOTLDR partition {p.index}"
+        try:
+            vols.append((FatVolume(SliceBlob(ctx.blob, p.first_lba * bs,
+                                             max(0, p.last_lba - p.first_lba + 1) * bs)),
+                         where))
+        except FatError as err:
+            notes.append(f"{where} holds no FAT file system the firmware reads ({err}); "
+                         "its entries are not read")
+    return vols, notes
 
 
 def _grub(ctx, cfg_path: str, prefix: str, *, text: Optional[str] = None,

@@ -40,6 +40,8 @@ class BootEntry:
     efi: str = ""
     architecture: str = ""
     tries_left: Optional[int] = None
+    vol: object = None           # the file system the entry and its files are on
+    where: str = "the ESP"
 
     @property
     def cmdline(self) -> str:
