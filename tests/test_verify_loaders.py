@@ -284,3 +284,60 @@ def test_real_systemd_boot_type2_with_our_uki(tmp_path, systemd_boot, pytestconf
     assert "/EFI/Linux/debian.efi: UKI" in r["boot.chain"].detail and _bad(r) == []
     r = _verify(tmp_path, _sd_files(systemd_boot), name="empty.raw")
     assert r["boot.chain"].result == "fail" and "finds no entry" in r["boot.chain"].detail
+
+
+# --- verify's verdict agrees with a real boot (QEMU + AAVMF) ------------------------------
+
+def _build_recipe(pytestconfig, tmp_path, recipe: str) -> tuple:
+    """Build a ready recipe (cache shared with the fetches above); (image, ESP offset)."""
+    import json
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "recipes" / f"{recipe}.yaml", tmp_path / f"{recipe}.yaml")
+    env = dict(os.environ, ARMVM_CACHE_DIR=str(pytestconfig.cache.mkdir("armvm-debian")))
+    res = subprocess.run([sys.executable, "-m", "builder", "build", "-q",
+                          tmp_path / f"{recipe}.yaml", "-o", tmp_path / "out"], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / f"{recipe}.manifest.json").read_text())
+    esp = next(p for p in manifest["layout"]["partitions"] if p["kind"] == "esp")
+    return tmp_path / "out" / f"{recipe}.raw", esp["offset"]
+
+
+@pytest.mark.network
+@pytest.mark.boot
+def test_real_boot_systemd_boot_with_our_uki_in_efi_linux(pytestconfig, tmp_path,
+                                                          systemd_boot):
+    """Our UKI image rearranged with mtools: trixie's systemd-boot at the removable path,
+    the UKI as a Type #2 entry. verify passes it, and it boots to the marker."""
+    from builder.boot import boot_image
+    img, off = _build_recipe(pytestconfig, tmp_path, "debian-arm64-fast")
+    i = f"{img}@@{off}"
+    (tmp_path / "sdboot.efi").write_bytes(systemd_boot)
+    (tmp_path / "loader.conf").write_text("timeout 0\n")
+    g.run("mmd", "-i", i, "::/EFI/Linux", "::/loader")
+    g.run("mcopy", "-i", i, "::/EFI/BOOT/BOOTAA64.EFI", tmp_path / "uki.efi")
+    g.run("mcopy", "-i", i, tmp_path / "uki.efi", "::/EFI/Linux/debian.efi")
+    g.run("mcopy", "-o", "-i", i, tmp_path / "sdboot.efi", "::/EFI/BOOT/BOOTAA64.EFI")
+    g.run("mcopy", "-i", i, tmp_path / "loader.conf", "::/loader/loader.conf")
+    r = verify.verify_image(img).by_id()
+    assert r["boot.chain"].result == "pass" and "systemd-boot" in r["boot.chain"].detail
+    assert [c for c in _bad(r) if c[1] == "fail"] == []
+    res = boot_image(img, timeout=240)
+    assert res.ok, res.reason
+
+
+@pytest.mark.network
+@pytest.mark.boot
+def test_real_boot_grub_cfg_where_grub_never_looks(pytestconfig, tmp_path):
+    """Our GRUB (prefix /EFI/BOOT) with grub.cfg moved to /EFI/debian: verify fails
+    boot.chain, and the guest indeed stops at the grub> prompt."""
+    from builder.boot import boot_image
+    img, off = _build_recipe(pytestconfig, tmp_path, "debian-arm64")
+    i = f"{img}@@{off}"
+    g.run("mmd", "-i", i, "::/EFI/debian")
+    g.run("mmove", "-i", i, "::/EFI/BOOT/grub.cfg", "::/EFI/debian/grub.cfg")
+    r = verify.verify_image(img).by_id()
+    assert r["boot.chain"].result == "fail" and "grub> prompt" in r["boot.chain"].detail
+    res = boot_image(img, timeout=60)
+    assert not res.ok and "grub>" in res.console, res.reason
