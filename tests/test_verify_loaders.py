@@ -253,6 +253,24 @@ def test_real_grub_mkstandalone_memdisk(tmp_path, grub_modules, search, verdict)
     assert "memdisk" in r["boot.chain"].detail
 
 
+@pytest.mark.network
+def test_real_grub_mkimage_arm_efi_prefix(pytestconfig, tmp_path):
+    """AArch32 GRUB: grub_module_info32 (magic, offset, size) instead of the 64-bit form."""
+    if shutil.which("grub-mkimage") is None:
+        pytest.skip("grub-mkimage (grub-common) missing")
+    mods = _debian_tree(pytestconfig, "trixie", "armhf", "grub-efi-arm-bin") / \
+        "usr/lib/grub/arm-efi"
+    out = tmp_path / "grub.efi"
+    g.run("grub-mkimage", "-O", "arm-efi", "-d", mods, "-p", "/EFI/debian", "-o", out,
+          "part_gpt", "fat", "normal", "linux", "configfile")
+    for cfg_at, verdict in (("EFI/debian/grub.cfg", "pass"), ("grub/grub.cfg", "fail")):
+        r = _verify(tmp_path, {"EFI/BOOT/grub.cfg": None, cfg_at: CFG,
+                               "EFI/BOOT/BOOTARM.EFI": out.read_bytes()}, arch="armv7",
+                    name=f"{verdict}.raw")
+        assert r["boot.chain"].result == verdict, r["boot.chain"].detail
+        assert "prefix '/EFI/debian'" in r["boot.chain"].detail
+
+
 @pytest.fixture(scope="module")
 def systemd_boot(pytestconfig):
     tree = _debian_tree(pytestconfig, "trixie", "arm64", "systemd-boot-efi")
