@@ -77,3 +77,51 @@ def test_kernel_config_bad_input(peer, tmp_path):
     good.write_text(g.GOOD_CONFIG)
     p = cli(peer, "--kernel-config", good, "--strict")
     assert p.returncode == 0, p.stdout
+
+
+def _uki_image(tmp_path, release: str) -> Path:
+    """A UKI whose .uname is ``release`` and whose initramfs carries no config."""
+    files = [f for f in g.initramfs_files(config=None, ver=release) if "etc/armvm" not in f[0]]
+    secs = [(".osrel", b"ID=test\n"), (".cmdline", b"console=ttyAMA0\0"),
+            (".uname", release.encode()), (".initrd", g.make_initramfs(files)),
+            (".linux", g.make_kernel("aarch64"))]
+    uki = g.make_pe(0xAA64, 0x20B, 10, secs)
+    return g.build_image(tmp_path, g.ImageSpec(esp_files={
+        "EFI/BOOT/grub.cfg": None, "vmlinuz": None, "initrd.img": None,
+        "EFI/BOOT/BOOTAA64.EFI": uki}))
+
+
+def _cli(*a, env=None):
+    import os
+    return subprocess.run([sys.executable, "-m", "builder", "verify", *map(str, a)],
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_fetch_config_needs_a_debian_release(tmp_path):
+    p = _cli(_uki_image(tmp_path, g.KVER), "--fetch-config")
+    assert p.returncode == 1 and "not a Debian kernel release" in p.stderr, p.stderr
+
+
+@pytest.mark.network
+def test_fetch_config_from_the_archive(tmp_path, pytestconfig):
+    """The booted kernel's linux-image-<release> from the archive gives /boot/config-*."""
+    import os
+    if os.environ.get("ARMVM_OFFLINE_TESTS") == "1":
+        pytest.skip("ARMVM_OFFLINE_TESTS=1")
+    from builder.cache import Cache
+    from builder.debian.archive import DebianArchive
+    from builder.sources import Fetcher
+    cache = pytestconfig.cache.mkdir("armvm-debian")
+    archive = DebianArchive(Fetcher(cache=Cache(Path(cache)), progress=False), mirror=None,
+                            suite="trixie", components=["main"], arch="arm64")
+    release = archive.resolve_kernel("linux-image-cloud-arm64").name[len("linux-image-"):]
+    img = _uki_image(tmp_path, release)
+    p = _cli(img, "--strict")
+    assert p.returncode == 1 and "kernel-config" in p.stdout
+    p = _cli(img, "--fetch-config", "--json", env={"ARMVM_CACHE_DIR": str(cache)})
+    import json
+    rep = {c["id"]: c for c in json.loads(p.stdout)["checks"]}
+    for cid in OS_IDS:
+        assert rep[cid]["result"] == "pass", (cid, rep[cid])
+    assert f"config-{release}" in rep["os.gic"]["detail"]

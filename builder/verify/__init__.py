@@ -113,6 +113,12 @@ def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE,
         checks_image.run(ctx, arch, _guard)
         _guard(ctx, checks_os.OS_IDS, lambda: checks_os.run(ctx))
         checks_root.run(ctx, _guard)
+        release = None
+        try:
+            release = checks_root.kernel_version(ctx)[0]
+        except Exception:       # a verifier bug here must not hide the report
+            if _RAISE_INTERNAL:
+                raise
     checks = tuple(make_check(cid, profile, *ctx.results.get(cid, ("skip", "not evaluated")))
                    for cid in STATIC_IDS)
-    return Report(name, ctx.arch, profile, checks)
+    return Report(name, ctx.arch, profile, checks, release)
