@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 from . import spec
 from .console import GRUB_QUERY, ConsoleWatcher
 from .errors import ArmvmError, NotAnImageError
+from .verify.container import NotRawDiskError
 from .qemu import (arch_of, die_with_parent_hook, find_firmware, find_qemu, kvm_usable,
                    probe_image, qemu_command, qmp_powerdown)
 
@@ -360,6 +361,8 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
     if image is not None and (arch == "auto" or sector_size is None):
         try:
             info = probe_image(Path(image))
+        except NotRawDiskError:
+            raise                   # qcow2, VMDK, compressed ...: QEMU gets raw disks only
         except NotAnImageError:
             if arch == "auto":
                 raise

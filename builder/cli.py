@@ -153,11 +153,46 @@ def _summary_line(report) -> str:
     return ", ".join(f"{v} {k}" for k, v in counts.items() if isinstance(v, int))
 
 
+def _needs_config(report) -> bool:
+    return any(c.id.startswith("os.") and c.result == "skip" and "kernel-config" in c.detail
+               for c in report.checks)
+
+
+def _fetch_kernel_config(report, quiet: bool = False) -> Path:
+    """boot/config-<release> from Debian's linux-image-<release> for the booted kernel, via
+    the project's archive client (signed index, cached). Debian keeps only current kernels."""
+    import re
+    from builder import spec
+    from builder.cache import Cache, default_cache_root
+    from builder.debian.archive import DebianArchive
+    from builder.sources import Fetcher
+    rel, arch = report.kernel_release, report.arch
+    m = re.fullmatch(r"\d+\.\d+[^\s/]*\+deb(\d+)-[a-z0-9-]+", rel or "")
+    suites = {"11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
+    if m is None or m.group(1) not in suites or arch not in spec.ARCHES:
+        raise ArmvmError(f"--fetch-config: the kernel release {rel!r} is not a Debian kernel "
+                         "release (like 6.12.117+deb13-cloud-arm64); pass --kernel-config FILE")
+    archive = DebianArchive(Fetcher(cache=Cache(default_cache_root()), progress=False if quiet else None), mirror=None,
+                            suite=suites[m.group(1)], components=["main"],
+                            arch=spec.ARCHES[arch].debian_arch)
+    tree = archive.extract(archive.resolve(f"linux-image-{rel}"))
+    cfg = tree / "boot" / f"config-{rel}"
+    if not cfg.is_file():
+        raise ArmvmError(f"--fetch-config: linux-image-{rel} has no boot/config-{rel}")
+    return cfg
+
+
 @app.command()
 def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or another tool's)."),
            arch: str = typer.Option("auto", "--arch", help="auto, aarch64 or armv7."),
            profile: str = typer.Option("vmspec-2.0", "--profile", help="vmspec-2.0, vmspec-1.0 or rfc-v2."),
            strict: bool = typer.Option(False, "--strict", help="Fail on SHOULD warnings and skipped checks too."),
+           kernel_config: Optional[Path] = typer.Option(None, "--kernel-config", help="The kernel's .config "
+                                                        "(e.g. /boot/config-<version>) for the os.* checks when the "
+                                                        "initramfs carries none (other tools' images)."),
+           fetch_config: bool = typer.Option(False, "--fetch-config", help="Network, opt-in: when the "
+                                             "os.* checks lack a kernel config, fetch the booted kernel's Debian "
+                                             "package (linux-image-<release>) and use its /boot/config-<release>."),
            as_json: bool = typer.Option(False, "--json", help="JSON report on stdout.")):
     """Check an image against every static requirement of the ARM VM System Specification."""
     if arch not in ("auto", "aarch64", "armv7"):
@@ -166,7 +201,10 @@ def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or ano
         raise typer.BadParameter("use vmspec-2.0, vmspec-1.0 or rfc-v2", param_hint="--profile")
     from builder.verify import verify_image
     try:
-        report = verify_image(image, arch=arch, profile=profile)
+        report = verify_image(image, arch=arch, profile=profile, kernel_config=kernel_config)
+        if fetch_config and kernel_config is None and _needs_config(report):
+            cfg = _fetch_kernel_config(report, quiet=as_json)
+            report = verify_image(image, arch=arch, profile=profile, kernel_config=cfg)
     except ArmvmError as err:
         _fail(err, as_json)
     typer.echo(json.dumps(report.to_json(), indent=2) if as_json else report.format_table())

@@ -208,6 +208,7 @@ def probe_image(path: Path) -> ImageInfo:
     verify's independent readers (the runner keeps no GPT/FAT parser of its own)."""
     from builder.verify import verify_image
     from builder.verify.blob import FileBlob
+    from builder.verify.container import check_raw
     from builder.verify.gpt import detect_sector_size
     path = Path(path)
     try:
@@ -215,8 +216,15 @@ def probe_image(path: Path) -> ImageInfo:
     except OSError as e:
         raise NotAnImageError(f"{path}: cannot open: {e.strerror}") from None
     with f:
-        ss = detect_sector_size(FileBlob(f))
+        blob = FileBlob(f)
+        check_raw(blob, str(path))          # NotRawDiskError: qcow2, VMDK, xz ... (exit 3)
+        ss = detect_sector_size(blob)
+        mbr = blob.read_at(510, 2) == b"\x55\xaa"
+    if ss is None and mbr:
+        raise NotAnImageError(f"{path}: an MBR disk, not GPT: the ARM VM spec asks for GPT "
+                              "and verify will fail it; AAVMF still boots MBR disks, so pass "
+                              "--arch aarch64 or --arch armv7 to boot it anyway")
     if ss is None:
-        raise NotAnImageError(f"{path}: no GPT header at LBA 1 (512 or 4096-byte sectors): "
-                              "not a disk image")
+        raise NotAnImageError(f"{path}: no GPT header at LBA 1 (512 or 4096-byte sectors) "
+                              "and no MBR: not a disk image")
     return ImageInfo(verify_image(path, arch="auto").arch, ss)

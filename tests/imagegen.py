@@ -116,10 +116,26 @@ def make_kernel(arch: str) -> bytes:
     return make_pe(MACHINE[arch], MAGIC[arch], 10, [(".data", filler)], patch=put)
 
 
+def grub_mods(prefix: Optional[str] = "/EFI/BOOT", config: Optional[str] = None) -> bytes:
+    """A GRUB ``mods`` section as grub-mkimage lays it out (grub_module_info64, then
+    grub_module_header objects: 3 = prefix, 2 = config), written from GRUB's kernel.h."""
+    objs = b""
+    for otype, text in ((3, prefix), (2, config)):
+        if text is not None:
+            data = text.encode() + b"\0"
+            data += b"\0" * (-len(data) % 8)
+            objs += struct.pack("<II", otype, 8 + len(data)) + data
+    return struct.pack("<IIQQ", 0x676D696D, 0, 24, 24 + len(objs)) + objs
+
+
 def make_loader(arch: str, machine: Optional[int] = None, subsystem: int = 10,
-                sections=()) -> bytes:
+                sections=(), prefix: Optional[str] = "/EFI/BOOT",
+                config: Optional[str] = None, mods: bool = True) -> bytes:
+    """A GRUB-like loader: a PE image with a ``mods`` section carrying the prefix
+    (``mods=False``: an unknown loader without one)."""
+    secs = list(sections) + ([("mods", grub_mods(prefix, config))] if mods else [])
     return make_pe(MACHINE[arch] if machine is None else machine, MAGIC[arch], subsystem,
-                   sections, text=b"GRUB test loader\0" * 16)
+                   secs, text=b"GRUB test loader\0" * 16)
 
 
 def make_uki(arch: str, initrd: bytes, *, drop=(), cmdline: str = "console=ttyAMA0 quiet"
@@ -205,6 +221,8 @@ class ImageSpec:
     second_partition: bool = True
     sector_size: int = 512          # 4096: GPT written by the test-side writer below
     mkfs_args: tuple = ()           # replaces the -F/-s choice (e.g. a FAT32 BPB, few clusters)
+    mkfs_blocks: Optional[int] = None    # mkfs.fat's BLOCK-COUNT (1 KiB): an exact size
+    second_files: Optional[dict] = None  # the second partition as FAT (mkfs.fat) with files
     populate: bool = True           # False: an empty file system (mtools cannot write it)
     second_type: str = LINUX_DATA_GUID   # the blank second partition (no file system)
     root: Optional["RootSpec"] = None    # a real root file system as partition 2
@@ -319,7 +337,8 @@ def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
     fat = ["-F", "32", "-s", "1"] if s.fat_bits == 32 else ["-F", "16"]
     fat = list(s.mkfs_args) or fat
     fat += ["-S", str(s.sector_size)]
-    run("mkfs.fat", *fat, "-n", "ESP", "-i", "1234ABCD", "--invariant", part)
+    run("mkfs.fat", *fat, "-n", "ESP", "-i", "1234ABCD", "--invariant", part,
+        *([str(s.mkfs_blocks)] if s.mkfs_blocks else []))
     files = default_esp(s.arch, s.cmdline) if s.populate else {}
     files.update(s.esp_files)
     dirs = sorted({"/".join(p.split("/")[:i]) for p in files if files[p] is not None
@@ -336,12 +355,32 @@ def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
     run("dd", f"if={part}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse",
         "status=none")
     part.unlink()
+    if s.second_files is not None and s.second_partition and s.root is None:
+        run("truncate", "-s", "8M", part)
+        run("mkfs.fat", "-n", "XBOOT", "-i", "5678ABCD", "--invariant", part)
+        _fill_fat(dirpath, part, s.second_files, name)
+        run("dd", f"if={part}", f"of={disk}", "bs=1M", f"seek={1 + s.esp_mib}",
+            "conv=notrunc,sparse", "status=none")
+        part.unlink()
     if s.root is not None:
         rootfs = make_root_fs(dirpath / (name + ".root"), s.root)
         run("dd", f"if={rootfs}", f"of={disk}", "bs=1M", f"seek={1 + s.esp_mib}",
             "conv=notrunc,sparse", "status=none")
         rootfs.unlink()
     return disk
+
+
+def _fill_fat(dirpath: Path, part: Path, files: dict, name: str) -> None:
+    dirs = sorted({"/".join(p.split("/")[:i]) for p in files if files[p] is not None
+                   for i in range(1, p.count("/") + 1)})
+    for d in dirs:
+        run("mmd", "-i", part, f"::/{d}")
+    src = dirpath / (name + ".payload")
+    for path, data in files.items():
+        if data is not None:
+            src.write_bytes(data)
+            run("mcopy", "-i", part, src, f"::/{path}")
+    src.unlink(missing_ok=True)
 
 
 def write_gpt(disk: Path, parts: list, bs: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,10 @@ def test_tree_matches_dpkg_deb(tmp_path):
     assert listing(ours) == listing(theirs)
 
 
+# A name no other process uses: a stale /tmp/planted on the host must not fail the test.
+PLANTED = f"armvm-planted-{os.getpid()}-{uuid.uuid4().hex}"
+
+
 @pytest.mark.parametrize("entries, message", [
     ([ROOT, ("/etc/passwd", "file", "x", 0o644)], "absolute path"),
     ([ROOT, ("./a/../../x", "file", "x", 0o644)], "contains '..'"),
@@ -72,7 +77,7 @@ def test_tree_matches_dpkg_deb(tmp_path):
      "points outside the package tree"),
     ([ROOT, ("./link", "hardlink", "../outside", 0o644)], "contains '..'"),
     ([ROOT, ("./link", "hardlink", "./never-extracted", 0o644)], "does not name a regular file"),
-    ([ROOT, ("./tmpdir", "symlink", "/tmp", 0o777), ("./tmpdir/planted", "file", "x", 0o644)],
+    ([ROOT, ("./tmpdir", "symlink", "/tmp", 0o777), (f"./tmpdir/{PLANTED}", "file", "x", 0o644)],
      "passes through the symlink tmpdir"),
     ([ROOT, ("./d", "symlink", ".", 0o777), ("./d/d/x", "file", "x", 0o644)],
      "passes through the symlink d"),
@@ -86,7 +91,7 @@ def test_escaping_members_are_refused(tmp_path, entries, message):
     dest.mkdir()
     with pytest.raises(ArmvmError, match=message):
         extract_deb(deb, dest)
-    assert not (tmp_path / "outside").exists() and not Path("/tmp/planted").exists()
+    assert not (tmp_path / "outside").exists() and not (Path("/tmp") / PLANTED).exists()
 
 
 def test_device_nodes_are_skipped(tmp_path):

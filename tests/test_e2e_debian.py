@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,27 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.network,
               pytest.mark.skipif(os.environ.get("ARMVM_OFFLINE_TESTS") == "1", reason="ARMVM_OFFLINE_TESTS=1")]
 RECIPES = {"arm64": "debian-arm64", "armhf": "debian-armhf"}
+# The versioned package each recipe's kernel meta-package must resolve to (FIELD-NOTES:
+# linux-image-cloud-arm64 -> linux-image-6.12.117+deb13-cloud-arm64, version 6.12.117-1).
+KERNEL_ORIGIN = {"arm64": r"debian:linux-image-(\d+\.\d+\.\d+)\+deb\d+-cloud-arm64=\1-\d+",
+                 "armhf": r"debian:linux-image-(\d+\.\d+\.\d+)\+deb\d+-armmp-lpae=\1-\d+"}
+
+
+def kernel_from_deb(cache_dir: Path, deb_sha256: str) -> tuple:
+    """(name, sha256) of boot/vmlinuz-* read with dpkg-deb from the cached .deb itself,
+    after checking the .deb's own sha256: the expected bytes come from the input, not from
+    the builder's manifest."""
+    blob = cache_dir / "sha256" / deb_sha256[:2] / deb_sha256
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == deb_sha256
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(blob)], capture_output=True,
+                         check=True).stdout
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        for m in tf:
+            if m.isfile() and m.name.lstrip("./").startswith("boot/vmlinuz-"):
+                return m.name, hashlib.sha256(tf.extractfile(m).read()).hexdigest()
+    raise AssertionError(f"no boot/vmlinuz-* in {blob}")
 
 
 def cli(*args, env=None, cwd=None, timeout=1800):
@@ -55,7 +77,7 @@ def _result(built, key):
 
 
 @pytest.mark.parametrize("key", sorted(RECIPES))
-def test_ready_recipe_builds_and_passes_validators(built, key):
+def test_ready_recipe_builds_and_passes_validators(built, key, cache_dir):
     d, result = _result(built, key)
     name = RECIPES[key]
     image = d / "out" / f"{name}.raw"
@@ -63,11 +85,15 @@ def test_ready_recipe_builds_and_passes_validators(built, key):
     esp = next(p for p in manifest["layout"]["partitions"] if p["kind"] == "esp")
     diskcheck.sfdisk_verify(image)
     diskcheck.fsck_fat(image, esp["offset"], esp["size"])
-    diskcheck.mtools_readback(image, esp["offset"], {f["dest"]: f["sha256"] for f in esp["files"]})
     loader = "EFI/BOOT/BOOTAA64.EFI" if key == "arm64" else "EFI/BOOT/BOOTARM.EFI"
     assert {loader, "EFI/BOOT/grub.cfg", "vmlinuz", "initrd.img"} <= {f["dest"] for f in esp["files"]}
-    roles = {i["role"]: i["origin"] for i in manifest["inputs"]}
-    assert roles["kernel"].startswith("debian:linux-image-6.") or roles["kernel"].startswith("debian:linux-image-")
+    kernel = next(i for i in manifest["inputs"] if i["role"] == "kernel")
+    assert re.fullmatch(KERNEL_ORIGIN[key], kernel["origin"]), kernel["origin"]
+    # the kernel on the ESP is byte for byte the one in Debian's package (from the .deb)
+    _, vmlinuz_sha = kernel_from_deb(cache_dir, kernel["sha256"])
+    expected = {f["dest"]: f["sha256"] for f in esp["files"]}
+    expected["vmlinuz"] = vmlinuz_sha
+    diskcheck.mtools_readback(image, esp["offset"], expected)
     report = json.loads((d / "out" / f"{name}.verify.json").read_text())
     by_id = {c["id"]: c for c in report["checks"]}
     for cid in ("gpt.pmbr", "gpt.primary", "gpt.backup", "esp.type", "esp.fat32", "boot.path", "boot.pe",

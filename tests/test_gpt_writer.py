@@ -17,6 +17,10 @@ MIB = 1024 * 1024
 DISK_GUID = UUID("8a1f9b0e-3c44-4d1e-9f10-123456789abc")
 ESP_GUID = UUID("01234567-89ab-cdef-0123-456789abcdef")   # asymmetric: catches byte order
 ROOT_GUID = UUID("fedcba98-7654-3210-8899-aabbccddeeff")
+# Spelled out from UEFI 2.6 Table 19 and the Discoverable Partitions Specification, not
+# taken from builder/spec.py: a wrong constant there must fail here.
+ESP_TYPE = UUID("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+ROOT_AARCH64_TYPE = UUID("B921B045-1DF0-41C3-AF44-4C6F280D3FAE")
 
 
 def layout(sector_size: int, disk_bytes: int):
@@ -50,6 +54,10 @@ def test_512_sfdisk_and_sgdisk_accept_it(tmp_path):
     assert (table["firstlba"], table["lastlba"]) == (34, n - 34)
     got = table["partitions"]
     assert len(got) == 2
+    assert [UUID(e["type"]) for e in got] == [ESP_TYPE, ROOT_AARCH64_TYPE]
+    with open(image, "rb") as f:              # on disk: first three fields little-endian
+        f.seek(2 * 512)
+        assert f.read(16) == bytes.fromhex("28732AC11FF8D211BA4B00A0C93EC93B")
     for entry, part in zip(got, parts):
         assert UUID(entry["type"]) == part.type_guid
         assert UUID(entry["uuid"]) == part.unique_guid

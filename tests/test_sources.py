@@ -186,8 +186,14 @@ def test_imports_stay_lazy():
     assert out.strip() == "[]"
 
 
-def test_download_with_progress_bar(debrepo, tmp_path, capsys):
+def test_download_with_progress_bar(debrepo, tmp_path, capsys, monkeypatch):
+    import rich.console
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
     data = bytes(range(256)) * 6000                       # 1.5 MB: big enough for a bar
     debrepo.overrides["/big.bin"] = data
     art = fetcher(tmp_path, progress=True).url(debrepo.url + "/big.bin", sha(data))
     assert art.path.read_bytes() == data
+    err = capsys.readouterr().err
+    assert "big.bin" in err and "1.5" in err and "MB" in err, err[-500:]
+    small = fetcher(tmp_path / "q", progress=False).url(debrepo.url + "/big.bin", sha(data))
+    assert small.path.read_bytes() == data and capsys.readouterr().err == ""

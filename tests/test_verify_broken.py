@@ -131,8 +131,9 @@ CASES = {
     "grub-cfg-missing-kernel": ("aarch64", g.ImageSpec(esp_files={
         GRUB_CFG: b"menuentry x {\n linux /vmlinuz-6.1 ro\n initrd /initrd.img\n}\n"}), None,
         "boot.chain", ("boot.kernel", "boot.init")),
+    # without .linux it is no UKI: an unknown loader, so the initramfs is not followed either
     "uki-without-linux": ("uki", g.ImageSpec(esp_files=uki_files(drop=(".linux",))), None,
-                          "boot.chain", ("boot.kernel", "boot.init")),
+                          "boot.chain", ("boot.kernel", "boot.init", "boot.modules") + OS_IDS),
     # net_failover's depends= names the missing module: both checks see it
     "initramfs-missing-failover": ("aarch64", g.ImageSpec(esp_files={
         "initrd.img": g.make_initramfs(g.initramfs_files(modules=NO_FAILOVER,

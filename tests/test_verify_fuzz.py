@@ -138,4 +138,37 @@ def test_cpio_reader_never_crashes(data, compress):
     blob = {"none": blob, "gzip": gzip.compress(blob),
             "zstd": zstandard.ZstdCompressor().compress(blob)}[compress]
     fs = read_initramfs(BytesBlob(blob), want=is_wanted)
-    kernel_facts(fs)
+    # the complete first member is kept whatever follows it, and the reader stays bounded
+    kf = kernel_facts(fs)
+    assert kf is not None and kf.version == "1" and kf.config == {"CONFIG_A": "y"}
+    assert fs.entries <= 1 + len(data) // 110 + 1 and fs.total <= 200 + len(data)
+
+
+@TEXT_SETTINGS
+@given(objs=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 1 << 32 - 1),
+                               st.binary(max_size=40)), max_size=12),
+       info_size=st.integers(0, 1 << 63), tail=st.binary(max_size=64))
+def test_grub_mods_reader_never_crashes(objs, info_size, tail):
+    """A hostile mods section: object sizes and the info size may point anywhere."""
+    from builder.verify.blob import BytesBlob
+    from builder.verify.grubimg import read_mods
+    from builder.verify.pe import parse_pe
+    body = b"".join(struct.pack("<II", t, n) + d for t, n, d in objs) + tail
+    mods = struct.pack("<IIQQ", 0x676D696D, 0, 24, info_size) + body
+    img = g.make_pe(0xAA64, 0x20B, 10, [("mods", mods)])
+    blob = BytesBlob(img)
+    gi = read_mods(blob, parse_pe(blob))
+    assert gi is not None and gi.modules <= len(objs)
+    assert gi.prefix is None or len(gi.prefix) <= 4096
+    gi.memdisk_file("/boot/grub/grub.cfg")
+
+
+@TEXT_SETTINGS
+@given(text=st.text(max_size=400), name=st.text(max_size=30))
+def test_boot_loader_entries_never_crash(text, name):
+    from builder.verify import sdboot
+    e = sdboot.entry_from_conf(name + ".conf", "/loader/entries/x.conf", text)
+    u = sdboot.entry_from_osrel(name + ".efi", "/EFI/Linux/x.efi", text)
+    chosen, how = sdboot.default_entry([e, u], text[:20] or None)
+    assert chosen in (e, u) and how
+    assert sdboot.verscmp(text, name) == -sdboot.verscmp(name, text)

@@ -406,7 +406,8 @@ def test_debian_signed_grub_location_and_concatenated_initrds(tmp_path):
     cfg = b"menuentry d {\n linux /vmlinuz\n initrd /early.img /initrd.img\n}\n"
     early = g.newc([("kernel/x86/microcode/GenuineIntel.bin", 0o100644, b"u" * 7)])
     img = g.build_image(tmp_path, g.ImageSpec(esp_files={
-        "EFI/BOOT/grub.cfg": None, "EFI/debian/grub.cfg": cfg, "early.img": early}))
+        "EFI/BOOT/grub.cfg": None, "EFI/debian/grub.cfg": cfg, "early.img": early,
+        "EFI/BOOT/BOOTAA64.EFI": g.make_loader("aarch64", prefix="/EFI/debian")}))
     r = verify.verify_image(img).by_id()
     assert "/EFI/debian/grub.cfg" in r["boot.chain"].detail
     assert all(c.result == "pass" or not c.applicable for c in r.values()), [
@@ -445,7 +446,15 @@ def test_driver_rules():
     kf.load_order = ["virtio_net", "failover", "net_failover", "virtio_balloon"]
     res, why = judge("os.virtio", kf)
     assert res == "fail" and "after" in why
-    kf.load_order = None
+    kf.load_order = None            # another tool's initramfs: its init loads on demand
+    res, why = judge("os.virtio", kf)
+    assert res == "pass" and "module virtio_net with net_failover, failover in the " \
+        "initramfs (its init loads it on demand)" in why
+    del kf.modules["failover"]
+    res, why = judge("os.virtio", kf)
+    assert res == "fail" and "failover (needed by net_failover) is not in the initramfs" in why
+    kf.modules["failover"] = Module("failover", "failover.ko", [])
+    kf.own_layout = True            # ours (our config copy is there): modules.load is required
     assert "modules.load is missing" in judge("os.virtio", kf)[1]
     kf = _kf({"CONFIG_RTC_DRV_EFI": "m"}, set(), {"rtc_efi": []}, ["rtc_efi"])
     assert judge("os.rtc-efi", kf)[0] == "pass"
@@ -559,7 +568,8 @@ def test_debian_installed_stub_config_is_skip(tmp_path):
             b"set prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n")
     img = g.build_image(tmp_path, g.ImageSpec(esp_files={
         "EFI/BOOT/grub.cfg": None, "EFI/debian/grub.cfg": stub, "vmlinuz": None,
-        "initrd.img": None}))
+        "initrd.img": None, "EFI/BOOT/BOOTAA64.EFI": g.make_loader("aarch64",
+                                                                     prefix="/EFI/debian")}))
     r = verify.verify_image(img).by_id()
     assert r["boot.chain"].result == "skip" and "outside the ESP" in r["boot.chain"].detail
     assert r["boot.kernel"].result == "skip" and r["os.gic"].result == "skip"

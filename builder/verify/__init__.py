@@ -16,13 +16,15 @@ from builder import spec
 from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
 from builder.verify import checks_image, checks_os, checks_root
 from builder.verify.blob import FileBlob
+from builder.verify.modinfo import parse_config
+from builder.verify.container import NotRawDiskError, check_raw
 from builder.verify.catalog import (CHECKS, DEFAULT_PROFILE, PROFILES, STATIC_IDS,
                                     check_profile, make_check)
 from builder.verify.report import Check, Report
 from builder.verify.runtime import (RuntimeFacts, merge_runtime, parse_runtime_report,
                                      runtime_checks)
 
-__all__ = ["verify_image", "Check", "Report", "PROFILES", "CHECKS", "STATIC_IDS",
+__all__ = ["verify_image", "NotRawDiskError", "Check", "Report", "PROFILES", "CHECKS", "STATIC_IDS",
            "RuntimeFacts", "parse_runtime_report", "runtime_checks", "merge_runtime"]
 
 ARCH_CHOICES = ("auto",) + tuple(spec.ARCHES)
@@ -64,23 +66,59 @@ def _open_image(path: str):
     return f, size
 
 
-def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE) -> Report:
+MAX_KERNEL_CONFIG = 16 << 20
+
+
+def read_kernel_config(path) -> tuple:
+    """(CONFIG_X -> value, name) from a kernel .config file (bounded; exit 2 when unreadable,
+    3 when it is not a kernel config)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            raw = f.read(MAX_KERNEL_CONFIG + 1)
+    except OSError as e:
+        raise ArmvmError(f"--kernel-config {name}: cannot read it ({e.strerror or e})",
+                         exit_code=EXIT_USAGE) from None
+    if len(raw) > MAX_KERNEL_CONFIG:
+        raise NotAnImageError(f"--kernel-config {name}: larger than {MAX_KERNEL_CONFIG} "
+                              "bytes; not a kernel config")
+    cfg = parse_config(raw.decode("utf-8", "replace"))
+    if not cfg:
+        raise NotAnImageError(f"--kernel-config {name}: no CONFIG_<NAME>=<value> lines; "
+                              "not a kernel config (want e.g. /boot/config-<version>)")
+    return cfg, name
+
+
+def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE,
+                 kernel_config=None) -> Report:
     """Run every static check on the image at ``path``.
 
-    Raises NotAnImageError (exit 3) when ``path`` is not a readable disk image at all, and
-    ArmvmError (exit 2) for an unknown ``arch`` or ``profile``.
+    Raises NotAnImageError (exit 3) when ``path`` is not a readable disk image at all
+    (NotRawDiskError when it is a qcow2/VMDK/VHD/VHDX/VDI container or compressed), and
+    ArmvmError (exit 2) for an unknown ``arch`` or ``profile``. ``kernel_config``: a kernel
+    .config file that judges the os.* checks when the initramfs has no copy of its own.
     """
     check_profile(profile)
     if arch not in ARCH_CHOICES:
         raise ArmvmError(f"verify: arch '{arch}' is not known (allowed: "
                          f"{', '.join(ARCH_CHOICES)})", exit_code=EXIT_USAGE)
     name = os.fspath(path)
+    given = read_kernel_config(kernel_config) if kernel_config is not None else None
     f, size = _open_image(name)
     with f:
-        ctx = checks_image.Context(profile, FileBlob(f, 0, None, size))
+        blob = FileBlob(f, 0, None, size)
+        check_raw(blob, name)
+        ctx = checks_image.Context(profile, blob)
+        ctx.kernel_config = given
         checks_image.run(ctx, arch, _guard)
         _guard(ctx, checks_os.OS_IDS, lambda: checks_os.run(ctx))
         checks_root.run(ctx, _guard)
+        release = None
+        try:
+            release = checks_root.kernel_version(ctx)[0]
+        except Exception:       # a verifier bug here must not hide the report
+            if _RAISE_INTERNAL:
+                raise
     checks = tuple(make_check(cid, profile, *ctx.results.get(cid, ("skip", "not evaluated")))
                    for cid in STATIC_IDS)
-    return Report(name, ctx.arch, profile, checks)
+    return Report(name, ctx.arch, profile, checks, release)

@@ -81,8 +81,10 @@ _DEFS = [
              "binary (QEMU_EFI/AAVMF/OVMF .fd) shipped in the image",
              "{spec}, {firmware}; UEFI 2.6 §3.5.1.1"),
     CheckDef("boot.chain", "MUST", "Everything the loader needs is present (GRUB: grub.cfg where "
-             "the binary reads it and every kernel/initrd it names; UKI: .linux, .initrd and "
-             ".cmdline sections)", "{spec}, {image}"),
+             "the binary reads it -- beside its image, then $prefix/grub.cfg from its mods "
+             "section -- and every kernel/initrd it names; systemd-boot: the files of the "
+             "entry it boots by default; UKI: .linux, .initrd and .cmdline sections)",
+             "{spec}, {image}; Boot Loader Specification (uapi-group)"),
     CheckDef("boot.kernel", "MUST", "The kernel is bootable by the chain (AArch64 Image 'ARM\\x64' "
              "at 0x38 or EFI zboot; AArch32 zImage 0x016F2818 at 0x24; EFI stub machine = target)",
              "{spec}, {hw}; Linux Documentation/arch/arm64/booting.rst, arch/arm/booting.rst"),

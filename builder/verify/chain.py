@@ -1,9 +1,11 @@
 """boot.chain and boot.kernel: what the loader starts, and whether it is all there.
 
-A loader carrying UKI sections is a UKI (.linux, .initrd, .cmdline must be present). Else
-GRUB: its grub.cfg is read where the binary looks for it (``/EFI/BOOT/grub.cfg``, then
-Debian's signed GRUB's ``/EFI/debian/grub.cfg``) and every kernel/initrd it names must exist.
-A loader that is itself an EFI-stub kernel needs nothing else.
+A loader with a ``.linux`` section is a UKI (.initrd and .cmdline must be present too).
+One with ``.sdmagic`` is systemd-boot: its default entry (loader.conf, /loader/entries,
+/EFI/Linux) is judged. Else GRUB: grub.cfg is read where the binary reads it (beside its
+image, then ``$prefix/grub.cfg`` with the prefix, embedded config or memdisk taken from the
+image's ``mods`` section) and every kernel/initrd it names must exist. A loader that is
+itself an EFI-stub kernel needs nothing else.
 """
 from __future__ import annotations
 
@@ -12,16 +14,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 from builder import spec
-from builder.verify import ext4, grubcfg, kernelimg
-from builder.verify.blob import Blob, ConcatBlob
-from builder.verify.fat import FatError
-from builder.verify.pe import section_blob
+from builder.verify import ext4, grubcfg, grubimg, kernelimg, sdboot
+from builder.verify.blob import Blob, ConcatBlob, SliceBlob
+from builder.verify.fat import FatError, FatVolume
+from builder.verify.pe import PeError, parse_pe, section_blob
 
 # Where grub-install's configuration lives on a Linux file system (root or a /boot partition).
 LINUX_GRUB_CFGS = ("/boot/grub/grub.cfg", "/grub/grub.cfg", "/boot/grub2/grub.cfg",
                    "/grub2/grub.cfg")
-GRUB_CFGS = (("/" + spec.ESP_GRUB_CFG, "/" + spec.REMOVABLE_DIR), ("/EFI/debian/grub.cfg",
-                                                                   "/EFI/debian"))
+# grub.cfg files other tools leave on ESPs, named when the GRUB found would not read them.
+ESP_GRUB_CFGS = ("/" + spec.ESP_GRUB_CFG, "/EFI/debian/grub.cfg", "/boot/grub/grub.cfg",
+                 "/grub/grub.cfg")
 UKI_REQUIRED = (".linux", ".initrd", ".cmdline")
 MAX_CFG_FILE = 1 << 20
 MAX_CMDLINE = 4096                     # COMMAND_LINE_SIZE on arm64 is 2048; be generous
@@ -47,85 +50,277 @@ def find_chain(ctx) -> None:
         ctx.set("boot.kernel", "skip", why)
         return
     names = {s.name for s in pe.sections}
-    if names & set(spec.UKI_SECTIONS):
-        _uki(ctx, pe)
+    if ".linux" in names:
+        _uki(ctx, pe, ctx.loader, "the loader")
     elif ".sdmagic" in names:
-        why = "systemd-boot loader: its /loader entries are not checked by this verifier"
-        ctx.set("boot.chain", "skip", why)
-        ctx.set("boot.kernel", "skip", why)
-        return
+        _sdboot(ctx)
     else:
-        cfg = None
-        for path, prefix in GRUB_CFGS:
-            try:
-                if vol.lookup(path) is not None:
-                    cfg = (path, prefix)
-                    break
-            except FatError as e:
-                ctx.fat_problems.append(str(e))
-        if cfg is not None:
-            _grub(ctx, *cfg)
-        elif kernelimg.describe(ctx.loader)[1] is not None:
-            ctx.chain = Chain("stub", ctx.loader, ctx.loader_path,
-                              initrd_note="the loader is a kernel started without an initrd")
-            ctx.set("boot.chain", "pass", "the loader is an EFI-stub kernel started directly")
-        else:
-            ctx.set("boot.chain", "fail", "no grub.cfg at " + " or ".join(
-                p for p, _ in GRUB_CFGS) + ", and the loader is neither a UKI (.linux "
-                "section) nor an EFI-stub kernel")
+        _grub_image(ctx, pe, names)
     ch = ctx.chain
     if ch is None or ch.kernel is None:
-        ctx.set("boot.kernel", "skip", "the boot chain names no readable kernel (see "
-                                       "boot.chain)")
+        if "boot.kernel" not in ctx.results:
+            ctx.set("boot.kernel", "skip", "the boot chain names no readable kernel (see "
+                                           "boot.chain)")
         return
     ok, detail = kernelimg.judge(ch.kernel, ctx.arch, ch.kind)
     ctx.set("boot.kernel", "pass" if ok else "fail", f"{ch.kernel_name}: {detail}")
 
 
-def _uki(ctx, pe) -> None:
+def _exists(ctx, path: str) -> bool:
+    try:
+        e = ctx.vol.lookup(path)
+        return e is not None and not e.is_dir
+    except FatError as err:
+        ctx.fat_problems.append(str(err))
+        return False
+
+
+def _grub_image(ctx, pe, names: set) -> None:
+    """GRUB reads grub.cfg beside its own image first (Debian's fw_path), then
+    ``$prefix/grub.cfg``; the prefix, an embedded config and a memdisk come from the image's
+    ``mods`` section. A loader without one is judged as GRUB only when a grub.cfg sits
+    beside it."""
+    gi = grubimg.read_mods(ctx.loader, pe)
+    loader_dir = ctx.loader_path.rsplit("/", 1)[0] or "/"
+    beside = loader_dir.rstrip("/") + "/grub.cfg"
+    if gi is None:
+        if _exists(ctx, beside):
+            _grub(ctx, beside, loader_dir, note="the loader has no GRUB 'mods' section; "
+                  "judged as a GRUB reading the grub.cfg beside it")
+        elif kernelimg.describe(ctx.loader)[1] is not None:
+            ctx.chain = Chain("stub", ctx.loader, ctx.loader_path,
+                              initrd_note="the loader is a kernel started without an initrd")
+            ctx.set("boot.chain", "pass", "the loader is an EFI-stub kernel started directly")
+        else:
+            uki_like = sorted(names & set(spec.UKI_SECTIONS))
+            hint = (f"; it has {', '.join(uki_like)} but no .linux section, so it is not a "
+                    "UKI") if uki_like else ""
+            ctx.set("boot.chain", "fail", f"the loader is neither GRUB (no 'mods' section and "
+                    f"no {beside}), a UKI (.linux section), systemd-boot (.sdmagic) nor an "
+                    f"EFI-stub kernel{hint}")
+        return
+    prefix = gi.prefix or ""
+    dev, pdir = grubimg.split_prefix(prefix)
+    what = f"GRUB (prefix '{prefix}')" if prefix else "GRUB (no prefix embedded)"
+    if gi.problems:
+        what += f" [{'; '.join(gi.problems[:2])}]"
+    pcfg = pdir.rstrip("/") + "/grub.cfg"
+    if gi.config is not None:
+        nxt = beside if _exists(ctx, beside) else "${prefix}/grub.cfg"
+        text = gi.config + f"\nconfigfile {nxt}\n"
+        _grub(ctx, "(embedded config)", pdir if not dev else loader_dir, text=text,
+              note=f"{what} runs its embedded config, then {nxt}")
+        return
+    if _exists(ctx, beside):
+        _grub(ctx, beside, pdir if prefix and not dev else loader_dir,
+              note=f"{what} reads {beside} beside its image first")
+        return
+    if dev == "memdisk":
+        raw = gi.memdisk_file(pcfg)
+        if raw is not None:
+            # GRUB starts with $root on the memdisk: files named without a device are read
+            # there (not checked) unless the config searches for the ESP
+            _grub(ctx, f"(memdisk){pcfg}", loader_dir, text="set root=memdisk\n" +
+                  raw.decode("utf-8", "replace"), note=f"{what} reads grub.cfg from its memdisk")
+            return
+    elif dev:
+        _grub(ctx, "(prefix)", loader_dir, text=f"configfile ({dev}){pcfg}\n",
+              note=f"{what} reads ({dev}){pcfg}")
+        return
+    elif prefix and _exists(ctx, pcfg):
+        _grub(ctx, pcfg, pdir, note=f"{what} reads $prefix/grub.cfg")
+        return
+    tried = [beside] + ([f"({dev}){pcfg}" if dev else pcfg] if prefix else [])
+    others = [p for p in ESP_GRUB_CFGS if p not in tried and _exists(ctx, p)]
+    extra = (f"; {', '.join(others)} exists but this GRUB never reads it" if others else "")
+    ctx.set("boot.chain", "fail", f"{what} reads {' then '.join(dict.fromkeys(tried))}; none "
+            f"exists, so it stops at the grub> prompt{extra}")
+
+
+def _sdboot(ctx) -> None:
+    """systemd-boot: loader.conf, Type #1 entries and Type #2 UKIs on the ESP; judge the
+    entry it boots by default."""
+    vol = ctx.vol
+    conf = _read_text(ctx, sdboot.LOADER_CONF, sdboot.MAX_CONF)
+    default = None
+    for k, v in sdboot.parse_conf(conf or ""):
+        if k == "default":
+            default = v
+    entries, bad = [], []
+    arch_name = sdboot.ARCH_NAMES.get(ctx.arch or "", "")
+    xvols, xnotes = _xbootldr(ctx)
+    for (vol, where), d, ext in [(v, d, x) for v in [(ctx.vol, "the ESP")] + xvols
+                                 for d, x in ((sdboot.ENTRIES_DIR, ".conf"),
+                                              (sdboot.UKI_DIR, ".efi"))]:
+        for name in _list(ctx, d, vol):
+            if not name.lower().endswith(ext) or name.startswith(".") or \
+                    len(entries) >= sdboot.MAX_ENTRIES:
+                continue
+            path = f"{d}/{name}"
+            if ext == ".conf":
+                e = sdboot.entry_from_conf(name, path, _read_text(ctx, path, sdboot.MAX_CONF,
+                                                                  vol) or "")
+                if e.architecture and arch_name and e.architecture.lower() != arch_name:
+                    continue
+                if not (e.linux or e.efi):
+                    bad.append(f"{path} has neither 'linux' nor 'efi'")
+                    continue
+            else:
+                blob, _ = _open(ctx, path, vol)
+                try:
+                    upe = parse_pe(blob) if blob is not None else None
+                except PeError:
+                    upe = None
+                if upe is None or upe.section(".osrel") is None or upe.section(".linux") is None:
+                    bad.append(f"{path} is not a UKI (.osrel and .linux); ignored")
+                    continue
+                osrel = section_blob(blob, upe.section(".osrel")).read_at(0, sdboot.MAX_CONF)
+                e = sdboot.entry_from_osrel(name, path, osrel.decode("utf-8", "replace"))
+            e.vol, e.where = vol, where
+            entries.append(e)
+    e, how = sdboot.default_entry(entries, default)
+    found = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    if e is None:
+        ctx.set("boot.chain", "fail", f"systemd-boot finds no entry in {sdboot.ENTRIES_DIR} "
+                f"or {sdboot.UKI_DIR}" + (f" ({'; '.join(bad[:3])})" if bad else "") +
+                ("" if conf is not None else f"; no {sdboot.LOADER_CONF}") +
+                "".join(f"; {n}" for n in xnotes))
+        return
+    on = "" if e.vol is ctx.vol else f" on {e.where}"
+    head = f"systemd-boot ({found}) boots '{e.id}'{on} ({how})"
+    if e.type == 2 or (e.efi and not e.linux):
+        path = e.path if e.type == 2 else "/" + e.efi.lstrip("/")
+        blob, why = _open(ctx, path, e.vol, e.where)
+        if blob is None:
+            ctx.set("boot.chain", "fail", f"{head}: {why}")
+            return
+        try:
+            upe = parse_pe(blob)
+        except PeError as err:
+            ctx.set("boot.chain", "fail", f"{head}: {path} is not a PE image ({err})")
+            return
+        if upe.section(".linux") is None:
+            ctx.set("boot.chain", "skip", f"{head}: efi {path} is an EFI program, not a UKI; "
+                                          "not checked")
+            return
+        _uki(ctx, upe, blob, f"{head}: {path}")
+        return
+    ch = ctx.chain = Chain("bls")
+    missing, blobs = [], []
+    for f in [e.linux] + e.initrds:
+        p = "/" + f.replace("\\", "/").lstrip("/")
+        b, why = _open(ctx, p, e.vol, e.where)
+        if b is None:
+            missing.append(why)
+        blobs.append(b)
+    ch.kernel, ch.kernel_name = blobs[0], e.linux
+    if e.initrds and all(b is not None for b in blobs[1:]):
+        ch.initrd = ConcatBlob(blobs[1:])
+    else:
+        ch.initrd_note = (f"the entry {e.path} loads no initrd" if not e.initrds else
+                          "an initrd named by the entry is missing")
+    base = e.linux.rsplit("/", 1)[-1]
+    ch.uname = base[len("vmlinuz-"):] if base.startswith("vmlinuz-") else (e.version or None)
+    ch.cmdline, ch.cmdline_from = e.cmdline, f"{e.path} options"
+    if missing:
+        ctx.set("boot.chain", "fail", f"{head}: " + "; ".join(missing[:4]))
+        return
+    ctx.set("boot.chain", "pass", f"{head}: linux {e.linux}, initrd "
+                                  f"{', '.join(e.initrds) or 'none'}, options "
+                                  f"'{e.cmdline[:80]}'")
+
+
+def _list(ctx, path: str, vol=None) -> list:
+    vol = vol or ctx.vol
+    try:
+        d = vol.lookup(path)
+        if d is None or not d.is_dir:
+            return []
+        return sorted(x.name for x in vol.list_dir(d.first_cluster or None, path)
+                      if not x.is_dir and x.name not in (".", ".."))
+    except FatError as err:
+        if vol is ctx.vol:
+            ctx.fat_problems.append(str(err))
+        return []
+
+
+def _read_text(ctx, path: str, limit: int, vol=None):
+    b, _ = _open(ctx, path, vol)
+    return None if b is None else b.read_at(0, limit).decode("utf-8", "replace")
+
+
+def _uki(ctx, pe, blob, where: str) -> None:
     missing = [s for s in UKI_REQUIRED if pe.section(s) is None]
     ch = ctx.chain = Chain("uki")
-    if pe.section(".linux") is not None:
-        ch.kernel, ch.kernel_name = section_blob(ctx.loader, pe.section(".linux")), "UKI .linux"
+    ch.kernel, ch.kernel_name = section_blob(blob, pe.section(".linux")), "UKI .linux"
     if pe.section(".initrd") is not None:
-        ch.initrd = section_blob(ctx.loader, pe.section(".initrd"))
+        ch.initrd = section_blob(blob, pe.section(".initrd"))
     else:
         ch.initrd_note = "the UKI has no .initrd section"
     if pe.section(".uname") is not None:
-        raw = section_blob(ctx.loader, pe.section(".uname")).read_at(0, 256)
+        raw = section_blob(blob, pe.section(".uname")).read_at(0, 256)
         ch.uname = raw.split(b"\0", 1)[0].decode("ascii", "replace").strip() or None
     if missing:
-        ctx.set("boot.chain", "fail", f"the loader is a UKI without {', '.join(missing)} "
+        ctx.set("boot.chain", "fail", f"{where} is a UKI without {', '.join(missing)} "
                                       f"section(s)")
         return
     cut = [p for p in pe.problems]
     if cut:
         ctx.set("boot.chain", "fail", "; ".join(cut))
         return
-    cmdline = section_blob(ctx.loader, pe.section(".cmdline")).read_at(0, MAX_CMDLINE)
+    cmdline = section_blob(blob, pe.section(".cmdline")).read_at(0, MAX_CMDLINE)
     cmdline = cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
     ch.cmdline, ch.cmdline_from = cmdline, "UKI .cmdline"
     osrel = "" if pe.section(".osrel") else "; no .osrel section"
-    ctx.set("boot.chain", "pass", f"UKI: .linux {ch.kernel.size} bytes, .initrd "
+    pre = "UKI" if where == "the loader" else f"{where}: UKI"
+    ctx.set("boot.chain", "pass", f"{pre}: .linux {ch.kernel.size} bytes, .initrd "
                                   f"{ch.initrd.size} bytes, .cmdline '{cmdline[:80]}'{osrel}")
 
 
-def _open(ctx, path: str):
-    """(blob, error) for a file on the ESP."""
+def _open(ctx, path: str, vol=None, where: str = "the ESP"):
+    """(blob, error) for a file on the ESP (or on ``vol``, e.g. an XBOOTLDR partition)."""
+    vol = vol or ctx.vol
     try:
-        e = ctx.vol.lookup(path)
+        e = vol.lookup(path)
         if e is None:
-            return None, f"{path} does not exist on the ESP"
-        return ctx.vol.open(e, path), ""
+            return None, f"{path} does not exist on {where}"
+        return vol.open(e, path), ""
     except FatError as err:
-        ctx.fat_problems.append(str(err))
+        if vol is ctx.vol:
+            ctx.fat_problems.append(str(err))
         return None, f"{path} cannot be read: {err}"
 
 
-def _grub(ctx, cfg_path: str, prefix: str) -> None:
+def _xbootldr(ctx) -> tuple:
+    """([(FatVolume, description)], notes) for XBOOTLDR partitions, where systemd-boot also
+    looks for entries (Boot Loader Specification: the Extended Boot Loader partition)."""
+    vols, notes = [], []
+    g = ctx.gpt
+    if g is None:
+        return vols, notes
+    bs = g.sector_size or 512
+    for p in g.entries:
+        if p.type_guid != spec.XBOOTLDR_TYPE_GUID:
+            continue
+        where = f"the XBOOTLDR partition {p.index}"
+        try:
+            vols.append((FatVolume(SliceBlob(ctx.blob, p.first_lba * bs,
+                                             max(0, p.last_lba - p.first_lba + 1) * bs)),
+                         where))
+        except FatError as err:
+            notes.append(f"{where} holds no FAT file system the firmware reads ({err}); "
+                         "its entries are not read")
+    return vols, notes
+
+
+def _grub(ctx, cfg_path: str, prefix: str, *, text: Optional[str] = None,
+          note: str = "") -> None:
     vol = ctx.vol
-    blob, err = _open(ctx, cfg_path)
-    text = "" if blob is None else blob.read_at(0, MAX_CFG_FILE).decode("utf-8", "replace")
+    err = ""
+    if text is None:
+        blob, err = _open(ctx, cfg_path)
+        text = "" if blob is None else blob.read_at(0, MAX_CFG_FILE).decode("utf-8", "replace")
+    lead = f"{note}; " if note else ""
 
     def exists(p):
         try:
@@ -172,23 +367,23 @@ def _grub(ctx, cfg_path: str, prefix: str) -> None:
         ch.uname = gb.kernel.path.rsplit("/", 1)[-1][len("vmlinuz-"):]
     probs = "; ".join(gb.problems[:3])
     if missing:
-        ctx.set("boot.chain", "fail", f"{cfg_path}: " + "; ".join(missing[:4]))
+        ctx.set("boot.chain", "fail", f"{lead}{cfg_path}: " + "; ".join(missing[:4]))
     elif gb.kernel is None and gb.elsewhere and _grub_on_linux_fs(ctx, cfg_path, gb):
         pass
     elif gb.kernel is None and gb.elsewhere:
-        ctx.set("boot.chain", "skip", f"{cfg_path} continues with "
+        ctx.set("boot.chain", "skip", f"{lead}{cfg_path} continues with "
                                       f"{'; '.join(gb.elsewhere[:2])}, outside the ESP; "
                                       "not checked")
     elif gb.kernel is None:
-        ctx.set("boot.chain", "fail", f"{cfg_path}: the default entry '{gb.entry_title}' has "
+        ctx.set("boot.chain", "fail", f"{lead}{cfg_path}: the default entry '{gb.entry_title}' has "
                                       f"no linux command" + (f" ({probs})" if probs else ""))
     elif not gb.kernel.on_esp:
-        ctx.set("boot.chain", "skip", f"{cfg_path}: the kernel {gb.kernel.raw} is on another "
+        ctx.set("boot.chain", "skip", f"{lead}{cfg_path}: the kernel {gb.kernel.raw} is on another "
                                       f"device ({gb.kernel.device}); not checked")
     else:
         names = ", ".join(r.path for r in gb.initrds) or "no initrd"
         note = f"; not checked (other devices): {', '.join(elsewhere[:3])}" if elsewhere else ""
-        ctx.set("boot.chain", "pass", f"GRUB reads {cfg_path}; entry '{gb.entry_title}': "
+        ctx.set("boot.chain", "pass", f"{lead}GRUB reads {cfg_path}; entry '{gb.entry_title}': "
                                       f"linux {gb.kernel.path}, initrd {names}{note}"
                 + (f"; notes: {probs}" if probs else ""))
 

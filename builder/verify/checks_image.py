@@ -6,8 +6,10 @@ requirement failed reports ``skip`` with the reason, so one defect fails one che
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Optional
+from uuid import UUID
 
 from builder import spec
 from builder.verify import gpt as gptmod
@@ -19,6 +21,7 @@ from builder.verify.pe import PeError, machine_name, parse_pe, SUBSYSTEM_NAMES
 MACHINE_ARCH = {spec.PE_MACHINE_ARM64: "aarch64", spec.PE_MACHINE_ARM: "armv7",
                 spec.PE_MACHINE_ARMNT: "armv7"}
 FIRMWARE_NAMES = ("QEMU_EFI", "AAVMF", "OVMF")
+MBR_ESP_TYPE = 0xEF
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Context:
     loader_pe: object = None
     chain: object = None                 # chain.Chain
     fat_problems: list = field(default_factory=list)
+    kernel_config: object = None         # (CONFIG_X -> value, where from) from --kernel-config
+    esp_typed: bool = False              # a partition is typed as ESP (GPT GUID or MBR 0xEF)
     initrd: object = None                # (Initramfs, note) once read; see checks_os
     parts: object = None                 # probed partitions (checks_root.Part list)
     kver: object = None                  # (kernel release, where from); see checks_root
@@ -80,7 +85,14 @@ def run_gpt(ctx: Context) -> None:
         types = ", ".join(f"{e.index}: {e.type_guid}" for e in g.entries[:4]) or "none"
         ctx.set("esp.type", "fail", f"no partition has the ESP type GUID (partition types: "
                                     f"{types})")
-    candidates = esps or g.entries[:16]
+    mbr_esps = [] if g.entries else mbr_efi_partitions(ctx.blob)
+    if mbr_esps:
+        which = ", ".join(f"record {e.index - 1} (LBA {e.first_lba})" for e in mbr_esps)
+        ctx.set("esp.type", "fail", f"no GPT partition has the ESP type GUID, but the MBR has "
+                f"an EFI System partition (type 0xEF): {which}; the firmware boots it, the "
+                "spec asks for GPT")
+    candidates = esps or mbr_esps[:1] or g.entries[:16]
+    ctx.esp_typed = bool(esps or mbr_esps)
     for e in candidates:
         part = _partition(ctx, e)
         try:
@@ -93,17 +105,37 @@ def run_gpt(ctx: Context) -> None:
         ctx.no_fs = "no partition to read"
     if ctx.vol is not None and not esps:
         ctx.results["esp.type"] = ("fail", ctx.results["esp.type"][1] + f"; the other checks "
-                                   f"read the FAT file system on partition {ctx.esp.index}")
+                                   f"read the FAT file system on partition {ctx.esp.index}",
+                                   True)
+
+
+def mbr_efi_partitions(blob: Blob) -> list:
+    """MBR records of type 0xEF (EFI System partition on an MBR disk) as GPT-like entries
+    (index = record number + 1, 512-byte sectors)."""
+    lba0 = blob.read_at(0, 512)
+    if len(lba0) < 512 or lba0[510:512] != spec.MBR_SIGNATURE:
+        return []
+    out = []
+    for i in range(4):
+        _, _, os_type, _, start, size = struct.unpack_from(gptmod.MBR_RECORD_FMT, lba0,
+                                                           gptmod.MBR_RECORDS_OFFSET + 16 * i)
+        if os_type == MBR_ESP_TYPE and size:
+            out.append(gptmod.Entry(i + 1, UUID(int=0), UUID(int=0), start, start + size - 1,
+                                    0, "MBR 0xEF"))
+    return out
 
 
 def _partition(ctx: Context, e: gptmod.Entry) -> Blob:
-    bs = ctx.gpt.sector_size
+    bs = ctx.gpt.sector_size or 512
     return SliceBlob(ctx.blob, e.first_lba * bs, max(0, e.last_lba - e.first_lba + 1) * bs)
 
 
 def run_fat32(ctx: Context) -> None:
     if ctx.vol is None:
-        ctx.set("esp.fat32", "fail", f"no FAT file system on the ESP ({ctx.no_fs})")
+        if ctx.esp_typed:
+            ctx.set("esp.fat32", "fail", f"no FAT file system on the ESP ({ctx.no_fs})")
+        else:
+            ctx.set("esp.fat32", "skip", f"no ESP to read (see esp.type; {ctx.no_fs})")
         return
     v, b = ctx.vol, ctx.vol.bpb
     bpb_bad = [f"{k}={b[k]}" for k in ("BPB_FATSz16", "BPB_RootEntCnt", "BPB_TotSec16")
@@ -126,8 +158,9 @@ def run_fat32(ctx: Context) -> None:
 def run_loader(ctx: Context, arch_req: str) -> None:
     if ctx.vol is None:
         for cid in ("boot.path", "boot.pe"):
-            ctx.set(cid, "skip" if cid != "boot.path" else "fail",
-                    f"no ESP file system to read ({ctx.no_fs})")
+            ctx.set(cid, "skip", f"no ESP file system to read (see "
+                                 f"{'esp.fat32' if ctx.esp_typed else 'esp.type'}; "
+                                 f"{ctx.no_fs})")
         return
     vol = ctx.vol
     try:

@@ -2,8 +2,10 @@
 
 A driver counts when its symbol is ``=y`` in the kernel config or it is listed in
 modules.builtin, or when its module and the module's whole ``depends=`` closure are in
-the initramfs and listed in etc/armvm/modules.load, dependencies first. Without a kernel
-config (and, for modular drivers, modules.builtin) the checks report skip, never pass.
+the initramfs (in armvm-build's layout also listed in etc/armvm/modules.load, dependencies
+first; other tools' inits load modules on demand). The kernel config is the initramfs's
+copy or the one given with ``--kernel-config``. Without any (and, for modular drivers,
+modules.builtin) the checks report skip, never pass.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def module_loaded(mod: str, kf: KernelFacts) -> tuple:
         for d in mm.depends:
             parent.setdefault(d, m)
             queue.append(d)
+    deps = f" with {', '.join(needed[1:])}" if len(needed) > 1 else ""
+    if kf.load_order is None and not kf.own_layout:
+        return True, f"module {mod}{deps} in the initramfs (its init loads it on demand)"
     if kf.load_order is None:
         return False, f"{mod} is a module but etc/armvm/modules.load is missing"
     pos = {}
@@ -69,7 +74,6 @@ def module_loaded(mod: str, kf: KernelFacts) -> tuple:
         for d in kf.modules[m].depends:
             if d in pos and pos[d] > pos[m]:
                 return False, f"modules.load loads {d} after {m}, which depends on it"
-    deps = f" with {', '.join(needed[1:])}" if len(needed) > 1 else ""
     return True, f"module {mod}{deps} loaded from the initramfs"
 
 
@@ -107,7 +111,8 @@ def judge(cid: str, kf: KernelFacts) -> tuple:
     if bad:
         return "fail", "; ".join(bad)
     if unknown:
-        return "skip", "cannot judge: " + "; ".join(unknown)
+        return "skip", "cannot judge: " + "; ".join(unknown) + (
+            "; pass --kernel-config FILE" if kf.config is None else "")
     return "pass", ", ".join(oks)
 
 
@@ -155,6 +160,9 @@ def facts_for(ctx, version: Optional[str]) -> Optional[KernelFacts]:
         kf = kernel_facts(fs, version) if fs is not None else None
         if kf is not None:
             kf.modules = {n: shared_module(ctx, m) for n, m in kf.modules.items()}
+            if ctx.kernel_config is not None:
+                kf.config = ctx.kernel_config[0]
+                kf.notes.append(f"kernel config from {ctx.kernel_config[1]}")
         ctx.cache[key] = kf
     return ctx.cache[key]
 
@@ -162,13 +170,21 @@ def facts_for(ctx, version: Optional[str]) -> Optional[KernelFacts]:
 def _facts(ctx) -> tuple:
     """(KernelFacts or None, note) from the chain's initramfs."""
     fs, note = initramfs(ctx)
+    given = ctx.kernel_config
+    if fs is None and given is not None:
+        kf = KernelFacts(ctx.chain.uname if ctx.chain else "unknown", "", config=given[0])
+        return kf, f"kernel config from {given[1]}; {note}"
     if fs is None:
         return None, note
     kf = facts_for(ctx, ctx.chain.uname)
+    if kf is None and given is not None:
+        kf = KernelFacts(ctx.chain.uname or "unknown", "", config=given[0])
+        return kf, f"kernel config from {given[1]}; the initramfs has no module tree"
     if kf is None or (kf.config is None and kf.builtin is None):
         what = "no lib/modules/<version> tree" if kf is None else \
             f"no config or modules.builtin under {kf.version}"
-        return None, f"the initramfs has {what} (not built by armvm-build?)" + \
+        return None, f"the initramfs has {what} (not built by armvm-build?); pass " \
+            "--kernel-config FILE (the kernel's /boot/config-<version>)" + \
             (f"; {note}" if note else "")
     notes = [n for n in kf.notes + [note] if n]
     return kf, "; ".join(notes)

@@ -143,7 +143,9 @@ class FatVolume:
             self.fat_type = 16
         else:
             self.fat_type = 32
-        ext = b if self.fat_type == 32 else self.ext16
+        # the extended boot record sits where the BPB's layout puts it (a FAT32 BPB has
+        # BPB_FATSz16 = 0), also on a volume that is FAT16 by its cluster count
+        ext = b if self.fat_type == 32 or b["BPB_FATSz16"] == 0 else self.ext16
         self.label_type = ext["BS_FilSysType"].decode("ascii", "replace")
         self.volume_id = ext["BS_VolID"]
         self.volume_label = ext["BS_VolLab"].decode("cp437", "replace").rstrip()

@@ -101,6 +101,7 @@ class KernelFacts:
     modules: dict = field(default_factory=dict)     # name -> Module (files in the initramfs)
     load_order: Optional[list] = None               # etc/armvm/modules.load
     notes: list = field(default_factory=list)
+    own_layout: bool = False                        # armvm-build's config copy is there
 
 
 def _text(m) -> Optional[str]:
@@ -114,6 +115,16 @@ def versions(fs: Initramfs) -> list:
             v = p.rsplit("/", 1)[-1]
             if v not in out:
                 out.append(v)
+    return out
+
+
+def parse_config(text: str) -> dict:
+    """CONFIG_X -> value of a kernel .config (``# CONFIG_X is not set`` lines are absent)."""
+    out = {}
+    for line in text.splitlines():
+        m = CONFIG_RE.match(line.strip())
+        if m:
+            out[m.group(1)] = m.group(2).strip('"')
     return out
 
 
@@ -132,11 +143,7 @@ def kernel_facts(fs: Initramfs, prefer: Optional[str] = None) -> Optional[Kernel
         kf.notes.append(f"module trees for {', '.join(sorted(vers))}; judged {ver}")
     cfg = _text(_find(fs, ver, spec.INITRD_KERNEL_CONFIG))
     if cfg is not None:
-        kf.config = {}
-        for line in cfg.splitlines():
-            m = CONFIG_RE.match(line.strip())
-            if m:
-                kf.config[m.group(1)] = m.group(2).strip('"')
+        kf.config, kf.own_layout = parse_config(cfg), True
     builtin = _text(_find(fs, ver, "modules.builtin"))
     bmodinfo = _text(_find(fs, ver, "modules.builtin.modinfo"))
     if builtin is not None or bmodinfo is not None:

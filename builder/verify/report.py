@@ -40,6 +40,7 @@ class Report:
     arch: Optional[str]
     profile: str
     checks: tuple  # tuple[Check, ...]
+    kernel_release: Optional[str] = None   # the booted kernel's release, when the chain tells
 
     def by_id(self) -> dict:
         return {c.id: c for c in self.checks}
