@@ -88,19 +88,21 @@ def test_rebuild_in_another_folder_is_byte_identical(built, tmp_path):
     """The mmdebstrap root is reused, but the ext4 is written again from it (a fresh cache
     holding only the root tarball) and must come out the same, root partition included."""
     name, d, _ = built
-    from builder.cache import default_cache_root
+    from builder.cache import TREES, default_cache_root
     cache = Path(os.environ.get("ARMVM_CACHE_DIR") or default_cache_root())
     fresh = tmp_path / "cache"
-    (fresh / "trees").mkdir(parents=True)
-    for tree in (cache / "trees").glob("rootfs-debian-*"):
-        subprocess.run(["cp", "-al", str(tree), str(fresh / "trees" / tree.name)], check=True)
+    (fresh / TREES).mkdir(parents=True)
+    roots = list((cache / TREES).glob("rootfs-debian-*"))
+    assert roots, f"no cached mmdebstrap root under {cache / TREES}"
+    for tree in roots:
+        subprocess.run(["cp", "-al", str(tree), str(fresh / TREES / tree.name)], check=True)
     for sub in ("sha256",):
         if (cache / sub).is_dir():
             subprocess.run(["cp", "-al", str(cache / sub), str(fresh / sub)], check=True)
     res = cli("build", "-q", copy_recipe(tmp_path / "b", name), "-o", tmp_path / "out", "--json",
               env={"ARMVM_CACHE_DIR": str(fresh)})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert list((fresh / "trees").glob("rootfs-ext4-*")), "the ext4 was not rebuilt"
+    assert list((fresh / TREES).glob("rootfs-ext4-*")), "the ext4 was not rebuilt"
 
     def digest(p):
         h = hashlib.sha256()
