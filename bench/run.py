@@ -219,13 +219,13 @@ def print_table(rows: list) -> None:
 
 def main() -> None:
     rows: list = []
-    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))   # assembly,debian,boot,server
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))   # assembly,resolve,debian,boot,server
     print(f"# armvm-build benchmark: median of {RUNS} runs, {os.cpu_count()} cores", flush=True)
     if not only or "assembly" in only:
         bench_assembly(rows)
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here))
-    for extra in ("debian", "boot", "server"):
+    for extra in ("resolve", "debian", "boot", "server"):
         if not only or extra in only:
             __import__(f"{extra}_bench").run(rows, measure)
     print_table(rows)

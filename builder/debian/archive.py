@@ -19,7 +19,7 @@ from typing import Sequence, Union
 
 from builder.cache import check_sha256, sha256_file
 from builder.debian.deb import extract_deb
-from builder.debian.index import INDEX_FORMAT, Index, build_index
+from builder.debian.index import INDEX_FORMAT, Index, IndexStream, build_index
 from builder.debian.mirror import find_mirror
 from builder.errors import ArmvmError, MissingToolError, SourceError
 from builder.lock import Lock, LockedPackage, check_archive_filename
@@ -271,17 +271,37 @@ class DebianArchive:
         return index
 
     def _build(self, dest: Path, component: str, arch: str, entry: tuple) -> None:
+        """Download the Packages file (or take it from the cache) and scan it into ``dest``.
+        A download is scanned while it arrives; the scan is written only after the
+        compressed bytes matched the sha256 of the verified InRelease (``blob`` returns)."""
         suffix, sha, size = entry
         rel = f"{component}/binary-{arch}/Packages{suffix}"
         dists = f"{self.mirror}/dists/{self.suite}"
         urls = [f"{dists}/{rel}"]
         if self._release_info()["by_hash"]:
             urls.insert(0, f"{dists}/{component}/binary-{arch}/by-hash/SHA256/{sha}")
-        art = self.fetcher.blob(sha, urls, what=f"{self.suite}/{rel}", size=size,
-                                offline=self.offline)
         plain = self._release_info()["files"].get(f"{component}/binary-{arch}/Packages")
         budget = plain[1] if plain else size * 1000 + 64 * 1024 * 1024
-        build_index(art.path, suffix, dest, budget, f"{self.suite}/{rel}")
+        what = f"{self.suite}/{rel}"
+        streams: list[IndexStream] = []
+
+        def tee(chunks):
+            for old in streams:                # a retried transfer starts a fresh scan
+                old.close()
+            streams.clear()
+            (dest / "packages.sqlite").unlink(missing_ok=True)
+            streams.append(IndexStream(suffix, budget, what, dest))
+            return streams[-1].tee(chunks)
+        try:
+            art = self.fetcher.blob(sha, urls, what=what, size=size, offline=self.offline,
+                                    tee=tee)
+            if streams:
+                streams[-1].finish()
+            else:
+                build_index(art.path, suffix, dest, budget, what)
+        finally:
+            for stream in streams:
+                stream.close()
 
     # --- resolution ------------------------------------------------------------------
     def _pin(self, pkg: DebPackage) -> DebPackage:
