@@ -71,7 +71,7 @@ class Fetcher:
         if not path.is_file():
             raise SourceError(f"{path}: not a regular file")
         try:
-            sha, size = sha256_file(path)
+            sha, size = self.cache.file_sha256(path)
         except OSError as e:
             raise SourceError(f"{path}: cannot read: {e.strerror}") from None
         return Artifact(path, sha, size, str(path))
