@@ -51,12 +51,14 @@ class Index:
 
 
 # One match per wanted field with its continuation lines; every other line is skipped by
-# the regex engine, not by Python. A paragraph ends at an empty line.
-_FIELD_RE = re.compile(
-    rb"\n(" + b"|".join(f.encode() for f in INDEX_FIELDS) + rb")[ \t]*:[ \t]*"
-    rb"([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE)
+# the regex engine, not by Python. A paragraph ends at an empty line. Field names are
+# case-insensitive: a paragraph whose `Package` is spelled otherwise than the archive spells
+# it is read again with the (slower) case-insensitive pattern.
+_FIELD_PATTERN = (rb"\n(" + b"|".join(f.encode() for f in INDEX_FIELDS) + rb")[ \t]*:[ \t]*"
+                  rb"([^\n]*(?:\n[ \t][^\n]*)*)")
+_FIELD_RE = re.compile(_FIELD_PATTERN)                   # the archive's spelling: fast
+_FIELD_ANY_CASE_RE = re.compile(_FIELD_PATTERN, re.IGNORECASE)
 _CANONICAL = {f.lower().encode(): f.encode() for f in INDEX_FIELDS}
-_KEYS = frozenset(_CANONICAL.values())
 
 
 class _Parser:
@@ -86,13 +88,14 @@ class _Parser:
         return self.best, self.provides
 
     def _scan(self, text: bytes) -> None:
-        findall, best, keys, seen = _FIELD_RE.findall, self.best, _KEYS, self.provides
+        findall, best, seen = _FIELD_RE.findall, self.best, self.provides
         rows: list[tuple] = []
         pairs: list[tuple[bytes, bytes]] = []
         for para in text.split(b"\n\n"):
             fields = dict(findall(b"\n" + para))
-            if not fields.keys() <= keys:             # field names are case-insensitive
-                fields = {_CANONICAL[k.lower()]: v for k, v in findall(b"\n" + para)}
+            if b"Package" not in fields:              # field names are case-insensitive
+                fields = {_CANONICAL[k.lower()]: v
+                          for k, v in _FIELD_ANY_CASE_RE.findall(b"\n" + para)}
             name = fields.get(b"Package", b"").strip()
             if not name:
                 continue
@@ -103,10 +106,10 @@ class _Parser:
                 size = int(fields.get(b"Size", b"-1"))
             except ValueError:
                 size = -1
-            row = (name, fields.get(b"Version", b"").strip(), fields.get(b"Architecture", b""),
+            row = (name, fields.get(b"Version", b""), fields.get(b"Architecture", b""),
                    fields.get(b"Filename", b""), fields.get(b"SHA256", b""), size, depends)
             old = best.get(name)
-            if old is None or (old[1] != row[1] and _newer(row[1], old[1])):
+            if old is None or (old[1].strip() != row[1].strip() and _newer(row[1], old[1])):
                 best[name] = row
                 rows.append(row)
             provides = fields.get(b"Provides")
@@ -124,7 +127,8 @@ class _Parser:
 def _newer(a: bytes, b: bytes) -> bool:
     from debian.debian_support import Version
     try:
-        return Version(a.decode("utf-8", "replace")) > Version(b.decode("utf-8", "replace"))
+        return Version(a.decode("utf-8", "replace").strip()) > \
+            Version(b.decode("utf-8", "replace").strip())
     except ValueError:
         return False
 
@@ -310,7 +314,7 @@ def _sqlite_error(e: Exception, dest: Path, rows: int, what: str) -> ArmvmError:
 
 # The scan keeps bytes; SQLite makes them text (CAST, TRIM) without a Python call per field
 # (the reader decodes with errors="replace"). A newer version of a name replaces the row.
-_INSERT_PACKAGE = ("INSERT OR REPLACE INTO packages VALUES (CAST(? AS TEXT), CAST(? AS TEXT), "
+_INSERT_PACKAGE = ("INSERT OR REPLACE INTO packages VALUES (CAST(? AS TEXT), TRIM(CAST(? AS TEXT)), "
                    "TRIM(CAST(? AS TEXT)), TRIM(CAST(? AS TEXT)), TRIM(CAST(? AS TEXT)), ?, "
                    "TRIM(CAST(? AS TEXT)))")
 _INSERT_PROVIDES = "INSERT INTO provides VALUES (CAST(? AS TEXT), CAST(? AS TEXT))"
