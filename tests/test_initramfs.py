@@ -117,8 +117,8 @@ def test_layout_and_newc_fields(kernel, busybox, tmp_path):
 
 
 def test_init_is_valid_posix_sh(kernel, busybox, tmp_path):
-    for payload in (None, "true"):
-        build(kernel, busybox, tmp_path / "i", payload=payload)
+    for payload, root_fstype in ((None, None), ("true", None), (None, "ext4")):
+        build(kernel, busybox, tmp_path / "i", payload=payload, root_fstype=root_fstype)
         init = {e["name"]: e for e in parse_newc((tmp_path / "i").read_bytes())}["init"]["data"]
         (tmp_path / "init.sh").write_bytes(init)
         run = subprocess.run(["sh", "-n", str(tmp_path / "init.sh")], capture_output=True)
