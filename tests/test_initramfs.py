@@ -313,7 +313,7 @@ def _coldplug_script(text: str, sysroot: Path, log: Path) -> str:
     insmod of virtio_mmio adds a virtio-net device (as a transport does)."""
     start = text.index("loaded=0 new=0")
     end = text.index('echo "armvm-init: loaded')
-    body = text[start:end + text[end:].index("\n")].replace("/sys/bus/", f"{sysroot}/bus/")
+    body = text[start:end + text[end:].index("\n")].replace("/sys/", f"{sysroot}/")
     net = sysroot / "bus/virtio/devices/virtio0"
     return (f'insmod() {{ echo "${{1##*/}}" >> {log}; case "$1" in *virtio_mmio*) '
             f'mkdir -p {net} && echo virtio:d00000001v00001AF4 > {net}/modalias ;; esac; }}\n'
@@ -328,6 +328,8 @@ def _coldplug_script(text: str, sysroot: Path, log: Path) -> str:
     ({"xen/devices/vbd-51712": "xen:vbd"}, ["xen-blkfront.ko"]),
     # nothing matches: nothing loads, and nothing fails
     ({"platform/devices/9000000.pl011": "of:NplT(null)Carm,pl011"}, []),
+    # a class device (input devices sit on no bus) is seen too
+    ({"../class/xen-ish/vbd0": "xen:vbd"}, ["xen-blkfront.ko"]),
 ])
 def test_init_loads_only_modules_whose_alias_matches_a_device(kernel, busybox, tmp_path, devices,
                                                                 expected):
