@@ -34,12 +34,14 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from builder.errors import ArmvmError, SourceError
 
 CHUNK = 1024 * 1024
+STAT_SETTLE_NS = 2_000_000_000      # see Cache.file_sha256
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
 TREES = "trees-v2"
@@ -303,6 +305,35 @@ class Cache:
         finally:
             if work is not None and os.path.lexists(work):
                 _rmtree(work)
+
+    # --- input hashes ----------------------------------------------------------------
+    def file_sha256(self, path: Path) -> tuple[str, int]:
+        """(sha256, size) of a local input file, remembered under ``refs/stat-<key>`` where
+        the key covers its absolute path, device, inode, size, mtime and ctime in ns (what
+        the tree stamps trust too: writing to a file changes its ctime, which no one can set
+        back). A file changed within the last STAT_SETTLE_NS of hashing is not remembered
+        (a write in the same clock tick would keep the same times)."""
+        path = Path(path)
+        st = os.stat(path)
+        key = self._stat_key(path, st)
+        known = self.get_ref(key)
+        if known and _SHA256_RE.match(known):
+            return known, st.st_size
+        sha, size = sha256_file(path)
+        after = os.stat(path)
+        if self._stat_key(path, after) == key and size == st.st_size and \
+                time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > STAT_SETTLE_NS:
+            try:
+                self.set_ref(key, sha)
+            except ArmvmError:
+                pass                       # a read-only or full cache only costs time
+        return sha, size
+
+    @staticmethod
+    def _stat_key(path: Path, st: os.stat_result) -> str:
+        ident = f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0" \
+                f"{st.st_mtime_ns}\0{st.st_ctime_ns}"
+        return "stat-" + hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()
 
     # --- refs ------------------------------------------------------------------------
     def get_ref(self, name: str) -> str | None:

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import shlex
 import struct
 from dataclasses import dataclass
@@ -99,8 +100,13 @@ def check_busybox(path: Path, arch: spec.Arch | None = None) -> None:
 
 # Variables an /init template sees (README "Template variables" is generated from this).
 INIT_TEMPLATE_VARS = {
-    "modules": "Paths of the modules to insmod, in load order (dependencies first).",
+    "modules": "Paths of the modules in the initramfs, in load order (dependencies first).",
     "module_names": "Their names, in the same order.",
+    "module_deps": "For each module, the positions (in `modules`) of the modules it depends on.",
+    "module_aliases": "For each module, its device aliases (modalias patterns such as "
+                      "`virtio:d00000002v*`); /init loads it when a device's modalias matches.",
+    "module_boot": "Positions of the modules /init loads whatever the devices: those with no "
+                   "device alias that no other module depends on (file systems, crypto).",
     "payload": "The recipe's initramfs.payload text, or none.",
     "payload_path": "Where the payload is stored in the initramfs (/etc/armvm/payload).",
     "kernel_version": "The kernel's version (uname -r).",
@@ -111,7 +117,9 @@ INIT_TEMPLATE_VARS = {
                    "/init then finds root= and hands over with switch_root.",
     "root_timeout": "Seconds /init waits for the root device to appear.",
 }
-INIT_TEMPLATE_FILTERS = {"shquote": "Quote a value for the POSIX shell."}
+INIT_TEMPLATE_FILTERS = {"shquote": "Quote a value for the POSIX shell.",
+                         "alias_regex": "A modalias pattern (`virtio:d00000002v*`) as a POSIX "
+                                        "extended regular expression for `grep -x -E`."}
 
 
 def render_init(template: str, variables: dict, *, template_file=None) -> str:
@@ -121,7 +129,7 @@ def render_init(template: str, variables: dict, *, template_file=None) -> str:
     tspec = templating.TemplateSpec(
         what="init template", max_bytes=MAX_INIT_BYTES,
         env_options=dict(trim_blocks=True, lstrip_blocks=True),
-        filters={"shquote": lambda v: shlex.quote(str(v))},
+        filters={"shquote": lambda v: shlex.quote(str(v)), "alias_regex": alias_regex},
         allowed_names=sorted(INIT_TEMPLATE_VARS), field="initramfs.init" if template_file else None)
     text = templating.render(template, variables, tspec, file=template_file or "(init template)").text
     if not text.startswith("#!"):
@@ -132,6 +140,46 @@ def render_init(template: str, variables: dict, *, template_file=None) -> str:
 
 # --- modules -----------------------------------------------------------------------------
 
+# Aliases that name no device on a bus (module auto-loading by device node or symbol).
+_NOT_DEVICE_ALIAS = ("devname:", "symbol:")
+
+
+def device_aliases(module: Module) -> list[str]:
+    """The module's modalias patterns: ``bus:...`` aliases such as ``pci:v00001AF4d*``,
+    ``virtio:d00000002v*``, ``of:N*T*Cvirtio,mmio``, ``xen:vbd``. Aliases without a colon
+    (``fs-ext4``, ``crypto-crc32c``, ``char-major-10-62``) name no device."""
+    return [a for a in module.aliases
+            if ":" in a and not a.startswith(_NOT_DEVICE_ALIAS) and "\n" not in a]
+
+
+_GLOB_CLASS = re.compile(r"\[!?[A-Za-z0-9_.,:-]+\]")
+
+
+def alias_regex(pattern) -> str:
+    """A modalias pattern (fnmatch rules, as modprobe matches them) as a POSIX extended
+    regular expression for ``grep -x -E``: ``*`` -> ``.*``, ``?`` -> ``.``, simple ``[...]``
+    classes kept (``[!x]`` -> ``[^x]``), every other character literal."""
+    text, out, i = str(pattern), [], 0
+    while i < len(text):
+        ch = text[i]
+        m = _GLOB_CLASS.match(text, i) if ch == "[" else None
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif m:
+            body = m.group(0)[1:-1]
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = m.end()
+            continue
+        elif ch in ".^$+(){}|\\[]":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
 def _dest_path(module: Module, decompress: bool) -> str:
     if decompress and not module.path.endswith(".ko"):
         return module.path[: module.path.rindex(".ko") + 3]
@@ -141,6 +189,9 @@ def _dest_path(module: Module, decompress: bool) -> str:
 def _modules_dep(modules: Sequence[Module], dest: dict[str, str]) -> str:
     """busybox/kmod modules.dep: 'path: dep-path ...', deps transitive, loaded last-first."""
     position = {m.name: i for i, m in enumerate(modules)}
+    aliases = [device_aliases(m) for m in modules]
+    needed = {d for m in modules for d in m.depends}
+    boot = [i for i, m in enumerate(modules) if not aliases[i] and m.name not in needed]
     by_name = {m.name: m for m in modules}
     lines = []
     for m in modules:
@@ -299,9 +350,15 @@ def build_initramfs(*, out: Path, kernel: KernelInfo, modules: Sequence[Module],
         _add_extra(arc, dest, source, budget)
 
     root = f"/{spec.INITRD_MODULES_ROOT}/{kernel.version}"
+    position = {m.name: i for i, m in enumerate(modules)}
+    aliases = [device_aliases(m) for m in modules]
+    needed = {d for m in modules for d in m.depends}
+    boot = [i for i, m in enumerate(modules) if not aliases[i] and m.name not in needed]
     variables = dict(
         modules=[f"{root}/{_dest_path(m, decompress_modules)}" for m in modules],
-        module_names=[m.name for m in modules], payload=payload,
+        module_names=[m.name for m in modules],
+        module_deps=[[position[d] for d in m.depends if d in position] for m in modules],
+        module_aliases=aliases, module_boot=boot, payload=payload,
         payload_path="/" + PAYLOAD_PATH, kernel_version=kernel.version,
         report_prefix=spec.REPORT_PREFIX, boot_marker=spec.BOOT_MARKER,
         load_list="/" + spec.INITRD_LOAD_LIST, root_fstype=root_fstype,

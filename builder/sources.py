@@ -71,7 +71,7 @@ class Fetcher:
         if not path.is_file():
             raise SourceError(f"{path}: not a regular file")
         try:
-            sha, size = sha256_file(path)
+            sha, size = self.cache.file_sha256(path)
         except OSError as e:
             raise SourceError(f"{path}: cannot read: {e.strerror}") from None
         return Artifact(path, sha, size, str(path))
@@ -83,12 +83,15 @@ class Fetcher:
 
     def blob(self, sha256: str, urls: Sequence[str] | Callable[[], Sequence[str]], *, what: str,
              origin: str | None = None, names: Sequence[str] = (), size: int | None = None,
-             hint: str = "", offline: bool = False, verify: bool = True) -> Artifact:
+             hint: str = "", offline: bool = False, verify: bool = True,
+             tee: Callable[[Iterator[bytes]], Iterator[bytes]] | None = None) -> Artifact:
         """A file with a known hash: cache, then vendor dirs (by ``names``), then ``urls``
         in order (the next URL is tried only when the previous one answers 404/410).
         ``urls`` may be a callable, called only when the network is actually needed.
         A cached copy is re-hashed first (the cache trusts nothing it finds) unless
-        ``verify=False``: then the caller must hash the file before using its bytes."""
+        ``verify=False``: then the caller must hash the file before using its bytes.
+        ``tee`` sees a download's bytes as they arrive (called again for each retry); they
+        are proven only when this returns."""
         origin = origin or what
         seen = len(self.cache.problems)
         path = self.cache.blob(sha256, verify=verify)
@@ -112,8 +115,8 @@ class Fetcher:
             try:
                 path, _ = self._request(
                     url, what=what, limit=size,
-                    consume=lambda chunks: self.cache.put_stream(chunks, sha256, what=what,
-                                                                 size=size))
+                    consume=lambda chunks: self.cache.put_stream(
+                        tee(chunks) if tee else chunks, sha256, what=what, size=size))
             except NotFound as e:
                 last = e
                 continue

@@ -279,3 +279,13 @@ def test_cached_tree_is_not_extracted_again(debrepo, tmp_path, monkeypatch):
     assert make(debrepo, tmp_path / "c").extract(pkg) == tree
     assert archive.extract(archive.fetch(pkg)) == tree
     assert debrepo.requests == []
+
+
+def test_gz_index_preferred_over_xz(debrepo, tmp_path):
+    """Both listed in InRelease: the .gz is taken (it decompresses several times faster)."""
+    archive = make(debrepo, tmp_path / "c")
+    files = archive._release_info()["files"]
+    files["main/binary-arm64/Packages.gz"] = ("a" * 64, 10)
+    assert archive._index_entry("main", "arm64") == (".gz", "a" * 64, 10)
+    del files["main/binary-arm64/Packages.gz"]
+    assert archive._index_entry("main", "arm64")[0] == ".xz"

@@ -117,8 +117,8 @@ def test_layout_and_newc_fields(kernel, busybox, tmp_path):
 
 
 def test_init_is_valid_posix_sh(kernel, busybox, tmp_path):
-    for payload in (None, "true"):
-        build(kernel, busybox, tmp_path / "i", payload=payload)
+    for payload, root_fstype in ((None, None), ("true", None), (None, "ext4")):
+        build(kernel, busybox, tmp_path / "i", payload=payload, root_fstype=root_fstype)
         init = {e["name"]: e for e in parse_newc((tmp_path / "i").read_bytes())}["init"]["data"]
         (tmp_path / "init.sh").write_bytes(init)
         run = subprocess.run(["sh", "-n", str(tmp_path / "init.sh")], capture_output=True)
@@ -304,3 +304,91 @@ def test_newc_writer_rules():
     assert [(e["name"], e["nlink"]) for e in entries] == [("a", 2), ("a/b", 2), ("a/b/c", 1),
                                                           ("a/l", 1)]
     assert entries[2]["data"] == b"xyz" and entries[3]["data"] == b"b/c"
+
+
+# --- cold-plug by modalias ---------------------------------------------------------------------
+
+def _coldplug_script(text: str, sysroot: Path, log: Path) -> str:
+    """The rendered /init's module section, run against a fake /sys with insmod logged; an
+    insmod of virtio_mmio adds a virtio-net device (as a transport does)."""
+    start = text.index("loaded=0 new=0")
+    end = text.index('echo "armvm-init: loaded')
+    body = text[start:end + text[end:].index("\n")].replace("/sys/", f"{sysroot}/")
+    net = sysroot / "bus/virtio/devices/virtio0"
+    return (f'insmod() {{ echo "${{1##*/}}" >> {log}; case "$1" in *virtio_mmio*) '
+            f'mkdir -p {net} && echo virtio:d00000001v00001AF4 > {net}/modalias ;; esac; }}\n'
+            + body + "\n")
+
+
+@pytest.mark.parametrize("devices,expected", [
+    # virt without Xen: the transport, then (second pass) virtio-net with its dependencies
+    ({"platform/devices/a000000.virtio_mmio": "of:NvirtioT(null)Cvirtio,mmio"},
+     ["virtio_mmio.ko", "failover.ko", "net_failover.ko", "virtio_net.ko"]),
+    # Xen: only the block front-end
+    ({"xen/devices/vbd-51712": "xen:vbd"}, ["xen-blkfront.ko"]),
+    # nothing matches: nothing loads, and nothing fails
+    ({"platform/devices/9000000.pl011": "of:NplT(null)Carm,pl011"}, []),
+    # a class device (input devices sit on no bus) is seen too
+    ({"../class/xen-ish/vbd0": "xen:vbd"}, ["xen-blkfront.ko"]),
+])
+def test_init_loads_only_modules_whose_alias_matches_a_device(kernel, busybox, tmp_path, devices,
+                                                                expected):
+    mods = resolve_drivers(kernel, ["virtio_mmio", "virtio_net", "virtio_blk", "xen_blkfront"])
+    build(kernel, busybox, tmp_path / "i", modules=mods)
+    by = {e["name"]: e for e in parse_newc((tmp_path / "i").read_bytes())}
+    text = by["init"]["data"].decode()
+    sysroot, log = tmp_path / "sys", tmp_path / "insmod.log"
+    for where, alias in devices.items():
+        (sysroot / "bus" / where).mkdir(parents=True)
+        (sysroot / "bus" / where / "modalias").write_text(alias + "\n")
+    script = tmp_path / "coldplug.sh"
+    script.write_text(_coldplug_script(text, sysroot, log))
+    run = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    loaded = log.read_text().split() if log.exists() else []
+    assert [name.split(".ko")[0] + ".ko" for name in loaded] == expected
+    assert f"loaded {len(expected)} of {len(mods)} module(s)" in run.stdout
+    # every module is still in the initramfs and in modules.load (the image still boots on Xen)
+    load_list = by[spec.INITRD_LOAD_LIST]["data"].decode().split()
+    assert load_list == [m.name for m in mods]
+    assert all(any(e.endswith(m.path) for e in by) for m in mods)
+
+
+@pytest.mark.parametrize("drivers,expected", [
+    (["net_failover"], ["failover", "net_failover"]),     # asked for, drives no device: loads
+    (["net_failover", "virtio_net"], []),                 # now only virtio_net's dependency
+])
+def test_init_always_loads_modules_that_drive_no_device(kernel, busybox, tmp_path, drivers,
+                                                        expected):
+    """A module without device aliases that nothing else in the list depends on (a file
+    system, crc32c for ext4) loads at once; a library only with a module that needs it."""
+    build(kernel, busybox, tmp_path / "i", modules=resolve_drivers(kernel, drivers))
+    text = {e["name"]: e for e in parse_newc((tmp_path / "i").read_bytes())}["init"]["data"].decode()
+    log = tmp_path / "insmod.log"
+    script = tmp_path / "coldplug.sh"
+    script.write_text(_coldplug_script(text, tmp_path / "nosys", log))
+    run = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    loaded = log.read_text().split() if log.exists() else []
+    assert [n.split(".ko")[0] for n in loaded] == expected
+
+
+@pytest.mark.parametrize("alias,value,match", [
+    ("virtio:d00000002v*", "virtio:d00000002v00001AF4", True),
+    ("virtio:d00000002v*", "virtio:d00000012v00001AF4", False),
+    ("of:N*T*Cvirtio,mmio", "of:NvirtioT(null)Cvirtio,mmio", True),
+    ("of:N*T*Cvirtio,mmio", "of:NvirtioT(null)Cvirtio,mmioCfoo", False),
+    ("acpi*:LNRO0005:*", "acpi:LNRO0005:", True),
+    ("dmi*:rvn[Vv]endor*", "dmi:rvnvendor", True),
+    ("pci:v[!0]*", "pci:v0001", False),
+    ("a.b", "axb", False),
+    ("x(y)+", "x(y)+", True),
+])
+def test_alias_regex_matches_like_fnmatch(alias, value, match):
+    """The ERE /init greps with agrees with fnmatch (modprobe's rules), judged by grep."""
+    import fnmatch
+    from builder.initramfs import alias_regex
+    assert fnmatch.fnmatchcase(value, alias) == match
+    run = subprocess.run(["grep", "-q", "-x", "-E", "-e", alias_regex(alias)], input=value + "\n",
+                         text=True)
+    assert (run.returncode == 0) == match

@@ -574,3 +574,25 @@ def test_debian_installed_stub_config_is_skip(tmp_path):
     assert r["boot.chain"].result == "skip" and "outside the ESP" in r["boot.chain"].detail
     assert r["boot.kernel"].result == "skip" and r["os.gic"].result == "skip"
     assert r["boot.pe"].result == "pass"
+
+
+@tools
+def test_fat_contiguous_runs_taken_in_one_step_agree_with_the_entry_walk(fatimg, tmp_path):
+    """chain() follows contiguous runs in bulk: same clusters as walking fat_entry one by
+    one, a loop back into a run is still found, and the limit still holds."""
+    img = g.copy_image(fatimg, tmp_path / "f.img")
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"B" * (300 * 512 + 7))                 # 301 contiguous clusters
+    g.run("mcopy", "-i", img, big, "::/big.bin")
+    vol = _vol(img)
+    first = vol.lookup("/big.bin").first_cluster
+    walk, c = [], first
+    while c < vol.eoc:
+        walk.append(c)
+        c = vol.fat_entry(c)
+    assert len(walk) == 301 and vol.chain(first, 1000, "big") == walk
+    with pytest.raises(FatError, match="longer than 100"):
+        vol.chain(first, 100, "big")
+    _fat_put(img, vol, first + 200, first + 50)             # loop back into the run
+    with pytest.raises(FatError, match="loops"):
+        _vol(img).chain(first, 1000, "big")

@@ -6,7 +6,9 @@ clusters; directory walks track visited clusters; LFN runs are at most 20 entrie
 """
 from __future__ import annotations
 
+import array
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -217,7 +219,40 @@ class FatVolume:
                 raise FatError(f"{what}: chain reaches a bad-cluster mark after cluster {c}")
             if v < 2:
                 raise FatError(f"{what}: chain reaches a free cluster after cluster {c}")
+            if v == c + 1:                     # a contiguous run: take it in one step
+                m = self._run_length(v, min(limit - len(clusters) - 1, self.max_cluster - v))
+                run = range(v, v + m)
+                if m and seen.isdisjoint(run):
+                    clusters.extend(run)
+                    seen.update(run)
+                    v += m
             c = v
+
+    def _run_length(self, v: int, cap: int) -> int:
+        """How many clusters from ``v`` on point each to the next one (entry n == n + 1),
+        at most ``cap``, looked at within one cached FAT block (FAT16/32 only)."""
+        if cap <= 0 or self.fat_type == 12:
+            return 0
+        width = 4 if self.fat_type == 32 else 2
+        off = v * width
+        if off + width > self.fat_bytes:
+            return 0
+        blk, inner = divmod(off, BLOCK)
+        data = self._blocks.get(blk)
+        if data is None:
+            return 0
+        n = min(cap, (len(data) - inner) // width)
+        if n <= 0:
+            return 0
+        got = int.from_bytes(data[inner:inner + n * width], "little")
+        expected = array.array("I" if width == 4 else "H", range(v + 1, v + 1 + n))
+        if sys.byteorder == "big":
+            expected.byteswap()
+        want = int.from_bytes(expected.tobytes(), "little")
+        diff = got ^ want
+        if not diff:
+            return n
+        return ((diff & -diff).bit_length() - 1) // (8 * width)   # entries before the first difference
 
     def cluster_offset(self, c: int) -> int:
         return (self.first_data + (c - 2) * self.spc) * self.bps
