@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from builder import spec
+from builder.verify.runtime import VIRTIO_NAMES
 
 MILESTONES = {
     "firmware": "firmware running (AAVMF)",
@@ -103,9 +104,8 @@ def facts_rows(facts) -> list:
             ("GIC", f"v{facts.gic}" if facts.gic in ("2", "3") else (facts.gic or "?")),
             ("RTC", ", ".join(facts.rtc) or "none"),
             ("console", ", ".join(f"{n} ({d})" for n, d in facts.consoles) or "?")]
-    names = {1: "net", 2: "block", 3: "console", 5: "balloon"}
     for d in facts.virtio:
-        rows.append(("virtio", f"{d.name}: {names.get(d.id, d.id)} over {d.transport}, "
+        rows.append(("virtio", f"{d.name}: {VIRTIO_NAMES.get(d.id, d.id)} over {d.transport}, "
                                f"driver {d.driver}"))
     if not facts.virtio:
         rows.append(("virtio", "none"))
