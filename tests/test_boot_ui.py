@@ -167,7 +167,10 @@ def test_until_login_reports_failed_units(fq):
     failed = "[FAILED] Failed to start foo.service - Foo.\r\n"
     r = cli(fq.image, "--until-login", "--json",
             env=fq([{"qmp": "poweroff"}, {"out": FIRMWARE + failed + LOGIN}, {"wait": 30}]))
-    res = json.loads(r.stdout)
+    try:
+        res = json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError((r.returncode, r.stdout[:2000], r.stderr[-2000:]))
     assert r.returncode == 1 and not res["ok"]
     assert res["failed_units"] == ["foo.service"] and "foo.service" in res["reason"]
     assert res["login_seconds"] is not None and res["poweroff_seconds"] is not None
