@@ -298,6 +298,26 @@ def _resolve_installed(archive, installed: list, arch: str):
 HOOK_DIR = Path("/usr/share/mmdebstrap/hooks/file-mirror-automount")
 
 
+def _fetch_pinned(archive, pkg):
+    """The verified .deb of a pinned root package; a vendor file of that name whose sha256
+    is not the pinned one is named as such (not just as missing)."""
+    from builder.cache import sha256_file
+    try:
+        return archive.fetch(pkg, verify=True)
+    except ArmvmError as exc:
+        name = os.path.basename(pkg.filename)
+        for d in archive.fetcher.vendor_dirs:
+            f = Path(d) / name
+            if f.is_file():
+                got = sha256_file(f)[0]
+                if got != pkg.sha256:
+                    raise ArmvmError(f"{f}: sha256 is {got}, but the lock {archive.lock.path or ''} pins "
+                                     f"{pkg.sha256} for the root package {pkg.name} {pkg.version}; "
+                                     "the vendor file or the lock was altered (export the vendor "
+                                     "folder again from a good lock)", exit_code=3) from None
+        raise exc from None
+
+
 def _pinned_root(ctx, archive, cache, progress: bool):
     """The root built by mmdebstrap from exactly the lock's `rootfs` packages: each .deb
     fetched (or taken from the cache / a vendor folder) and checked against its pinned sha256,
@@ -346,7 +366,7 @@ def _pinned_root(ctx, archive, cache, progress: bool):
             debs = []
             for n, p in enumerate(pins):
                 say(f"{n + 1}/{len(pins)} {p.name}")
-                art = archive.fetch(p, verify=True)
+                art = _fetch_pinned(archive, p)
                 debs.append((p.name, p.version, art.path, p.sha256, p.size))
         # Under /tmp: mmdebstrap's file-mirror hook bind-mounts the folder at the same path in
         # the chroot, and its clean-up empties the chroot's /tmp, so no trace of it is left.
