@@ -131,6 +131,7 @@ rootfs:
     variant: essential
     packages: []
   hostname: tiny
+  files: [{file: init.sh, dest: sbin/init, mode: "0755"}]   # essential has no init
 disk:
   size: 1GiB
   partitions:
@@ -153,6 +154,12 @@ def cli(*args, env=None, timeout=3600):
                           env=e, timeout=timeout)
 
 
+def write_recipe(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny.yaml").write_text(TINY)
+    (folder / "init.sh").write_text("#!/bin/sh\necho tiny root up\nexec /bin/sh\n")
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -163,8 +170,7 @@ def locked(tmp_path_factory):
     its vendor export."""
     d = tmp_path_factory.mktemp("rootlock")
     recipe = d / "a" / "tiny.yaml"
-    recipe.parent.mkdir()
-    recipe.write_text(TINY)
+    write_recipe(recipe.parent)
     res = cli("lock", "-q", recipe)
     assert res.returncode == 0, res.stderr[-3000:]
     res = cli("build", "-q", "--json", recipe, "-o", d / "out1")
@@ -177,8 +183,7 @@ def locked(tmp_path_factory):
 def offline_build(d: Path, lock: dict, vendor: Path, name: str):
     """Build from a copy of the recipe with `lock`, offline, empty cache, the mirror closed."""
     c = d / name
-    c.mkdir()
-    (c / "tiny.yaml").write_text(TINY)
+    write_recipe(c)
     (c / "tiny-root.lock").write_text(json.dumps(lock))
     return cli("build", "-q", c / "tiny.yaml", "-o", c / "out", "--offline", "--vendor", vendor,
                env={"ARMVM_CACHE_DIR": str(c / "cache"), "ARMVM_MIRROR": closed_port_url()}), c
