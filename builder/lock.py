@@ -4,6 +4,9 @@ JSON with sorted keys, written atomically. A lock that pins every input lets a b
 without InRelease or Packages (no network at all when the .debs are cached or vendored).
 Debian's archive keeps only current versions, so a lock alone cannot refetch an old
 package: keep the files too (``export_vendor``) or name a ``snapshot_mirror``.
+``packages`` pins the image's own packages (kernel, busybox, loader...); ``rootfs`` pins
+every package installed in a Debian root file system (what mmdebstrap installed), from
+which a locked build makes the root again (builder.rootfs).
 """
 from __future__ import annotations
 
