@@ -80,10 +80,7 @@ def write_repo(repo: Path, debs: Iterable[tuple], suite: str, arch: str) -> None
     stanzas = []
     for name, version, path, sha256, size in sorted(debs, key=lambda d: (d[0], d[1])):
         target = repo / f"{name}_{version.replace(':', '%3a')}.deb"
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
+        shutil.copyfile(path, target)        # a copy: the cache's or vendor's file keeps its mode
         os.chmod(target, 0o644)
         control = read_control(target)
         if control.get("Package") != name or control.get("Version") != version:
