@@ -229,8 +229,8 @@ def discover_root(recipe, archive, cache, timestamp: int, progress: bool, stage,
     """The root built by mmdebstrap from the recipe's archive -> (cache tree, key, pins).
 
     pins: {name: DebPackage} of every package installed in the root, resolved through the
-    archive's verified Packages index (None when not needed and the cached root has versions
-    the archive no longer offers). When a lock is to be written and the cached root is stale,
+    archive's verified Packages index (None unless `need_pins`: only a lock needs them). When
+    a lock is to be written and the cached root holds versions the archive no longer offers,
     the root is built again from the archive as it is now."""
     from builder.rootfs import mmdebstrap as mm
     r = recipe.rootfs
@@ -269,6 +269,8 @@ def discover_root(recipe, archive, cache, timestamp: int, progress: bool, stage,
 
     for attempt in range(2):
         tree = cache.put_tree(f"rootfs-debian-{key}", build)
+        if not need_pins:
+            return tree, key, None
         with stage("resolve"):
             pins, stale = _resolve_installed(archive, _installed(tree), arch)
         if not stale or not need_pins:
