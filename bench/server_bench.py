@@ -59,8 +59,9 @@ def run(rows: list, measure) -> None:
                          f"{st.st_blocks * 512 / 2**20:.0f} MiB allocated (sparse)"))
             load = _load()
             t0 = time.perf_counter()
-            res = subprocess.run([ARMVM, "boot", str(image), "--until-login", "--json"],
+            res = subprocess.run([ARMVM, "boot", str(image), "--until-login", "--json", "--timeout", "600"],
                                  capture_output=True, text=True, timeout=900, env=env)
+            # 600 s, not the default 180 s: on a loaded shared host login took 154 s (aarch64)
             rep = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
             if res.returncode == 0 and rep.get("login_seconds") is not None:
                 off = rep.get("poweroff_seconds")
