@@ -203,6 +203,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                           progress=progress)
             info["ctx"] = ctx
             ctx.seed = seed
+            ctx.want_root_pins = options.update_lock     # resolve the root's package set for the lock
             ctx.stages["recipe"] = time.perf_counter() - t_start
             try:
                 files = gather(ctx)
@@ -254,7 +255,8 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
             outputs = staging.commit()
             if options.update_lock and archive is not None:
                 from builder.lock import write_lock
-                write_lock(lock_path(recipe, options), archive.make_lock(timestamp))
+                write_lock(lock_path(recipe, options), _with_root(archive.make_lock(timestamp),
+                                                                  getattr(ctx, "root_pins", None)))
                 outputs.append(lock_path(recipe, options))
             return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
         except OSError as exc:
@@ -262,6 +264,17 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
             raise disk_full_error(exc, work) from None   # ENOSPC/EDQUOT/EFBIG: a clean error
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _with_root(lock_, pins):
+    """The lock with the root's whole package set (`rootfs`) pinned, when the build made one."""
+    if not pins:
+        return lock_
+    import dataclasses
+    from builder.lock import LockedPackage
+    return dataclasses.replace(lock_, rootfs={
+        p.name: LockedPackage(p.name, p.version, p.filename, p.sha256, p.size, p.architecture, p.depends)
+        for p in (pins[n] for n in sorted(pins))})
 
 
 def _stage_direct(staging, name: str, direct) -> None:
@@ -291,8 +304,15 @@ def lock(recipe_path, options: BuildOptions = BuildOptions(), on_warning=None) -
         with progress.stage("resolve"):
             for name, is_kernel in packages_used(recipe):
                 archive.resolve_kernel(name) if is_kernel else archive.resolve(name)
+        timestamp = source_date_epoch(recipe, environ)
+        pins = None
+        if recipe.rootfs is not None and recipe.rootfs.kind == "debian":
+            # the root's whole package set: what mmdebstrap installs (run now unless cached)
+            from builder.rootfs import discover_root
+            _, _, pins = discover_root(recipe, archive, archive.cache, timestamp, bool(archive.fetcher.progress),
+                                       progress.stage, need_pins=True)
     path = lock_path(recipe, options)
-    write_lock(path, archive.make_lock(source_date_epoch(recipe, environ)))
+    write_lock(path, _with_root(archive.make_lock(timestamp), pins))
     return path
 
 

@@ -4,6 +4,9 @@ JSON with sorted keys, written atomically. A lock that pins every input lets a b
 without InRelease or Packages (no network at all when the .debs are cached or vendored).
 Debian's archive keeps only current versions, so a lock alone cannot refetch an old
 package: keep the files too (``export_vendor``) or name a ``snapshot_mirror``.
+``packages`` pins the image's own packages (kernel, busybox, loader...); ``rootfs`` pins
+every package installed in a Debian root file system (what mmdebstrap installed), from
+which a locked build makes the root again (builder.rootfs).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class Lock:
     snapshot_mirror: str | None
     suite: str
     packages: dict = field(default_factory=dict)     # name -> LockedPackage
+    rootfs: dict = field(default_factory=dict)       # name -> LockedPackage: the root's whole package set
     path: str = field(default="", compare=False)     # where it was read from (for messages)
 
 
@@ -57,10 +61,10 @@ def check_archive_filename(filename: str, what: str) -> str:
     return filename
 
 
-def _package(path: str, name: str, data) -> LockedPackage:
-    where = f"{path}: packages.{name}"
+def _package(path: str, name: str, data, section: str = "packages") -> LockedPackage:
+    where = f"{path}: {section}.{name}"
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ArmvmError(f"{path}: packages: {name!r} is not a Debian package name")
+        raise ArmvmError(f"{path}: {section}: {name!r} is not a Debian package name")
     if not isinstance(data, dict):
         raise ArmvmError(f"{where}: must be an object")
     for key in ("version", "filename", "sha256"):
@@ -109,10 +113,19 @@ def read_lock(path) -> Lock:
     packages = data.get("packages", {})
     if not isinstance(packages, dict):
         raise ArmvmError(f"{path}: packages: must be an object of name -> package")
+    rootfs = data.get("rootfs", {})
+    if not isinstance(rootfs, dict):
+        raise ArmvmError(f"{path}: rootfs: must be an object of name -> package")
     return Lock(source_date_epoch=epoch, mirror=data.get("mirror"),
                 snapshot_mirror=data.get("snapshot_mirror"), suite=data["suite"],
                 packages={n: _package(str(path), n, p) for n, p in packages.items()},
+                rootfs={n: _package(str(path), n, p, "rootfs") for n, p in rootfs.items()},
                 path=str(path))
+
+
+def _entry(p: LockedPackage) -> dict:
+    return {"version": p.version, "filename": p.filename, "sha256": p.sha256, "size": p.size,
+            "architecture": p.architecture, "depends": p.depends}
 
 
 def lock_to_json(lock: Lock) -> str:
@@ -122,11 +135,10 @@ def lock_to_json(lock: Lock) -> str:
         "mirror": lock.mirror,
         "snapshot_mirror": lock.snapshot_mirror,
         "suite": lock.suite,
-        "packages": {
-            name: {"version": p.version, "filename": p.filename, "sha256": p.sha256,
-                   "size": p.size, "architecture": p.architecture, "depends": p.depends}
-            for name, p in lock.packages.items()},
+        "packages": {name: _entry(p) for name, p in lock.packages.items()},
     }
+    if lock.rootfs:
+        data["rootfs"] = {name: _entry(p) for name, p in lock.rootfs.items()}
     return json.dumps(data, sort_keys=True, indent=2) + "\n"
 
 
@@ -151,7 +163,8 @@ def write_lock(path, lock: Lock) -> None:
 
 
 def export_vendor(lock: Lock, cache: Cache, fetcher: "Fetcher", dest_dir) -> list[Path]:
-    """Copy every pinned .deb into ``dest_dir`` under its archive file name (basename).
+    """Copy every pinned .deb (the image's packages and the root's) into ``dest_dir`` under
+    its archive file name (basename).
 
     Files come from the cache (re-verified), else through ``fetcher`` (vendor dirs, then
     the lock's mirror and snapshot mirror). Returns the written paths, sorted.
@@ -159,9 +172,12 @@ def export_vendor(lock: Lock, cache: Cache, fetcher: "Fetcher", dest_dir) -> lis
     from builder.debian.archive import locked_urls
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in sorted(lock.packages):
-        pkg = lock.packages[name]
+    written = set()
+    pins = sorted({(p.sha256, p.filename): p for p in
+                   list(lock.packages.values()) + list(lock.rootfs.values())}.values(),
+                  key=lambda p: (p.name, p.filename))
+    for pkg in pins:
+        name = pkg.name
         target = dest / os.path.basename(pkg.filename)
         source = cache.blob(pkg.sha256, verify=True)
         if source is None:
@@ -178,5 +194,5 @@ def export_vendor(lock: Lock, cache: Cache, fetcher: "Fetcher", dest_dir) -> lis
             finally:
                 if os.path.lexists(tmp):
                     os.unlink(tmp)
-        written.append(target)
+        written.add(target)
     return sorted(written)

@@ -313,20 +313,23 @@ class DebianArchive:
         self._pinned[pkg.name] = pkg
         return pkg
 
-    def resolve(self, name: str) -> DebPackage:
+    def resolve(self, name: str, *, pin: bool = True) -> DebPackage:
+        """The package `name` (from the lock, else the archive's index); with pin=False it
+        is not added to the lock's `packages` (the root's set goes into `rootfs`)."""
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ArmvmError(f"{name!r} is not a Debian package name (allowed: lower-case "
                              "letters, digits, '+', '-', '.')")
         if name in self._pinned:
             return self._pinned[name]
+        keep = self._pin if pin else (lambda p: p)
         if self.lock is not None:
-            return self._pin(self._from_lock(name))
+            return keep(self._from_lock(name))
         for arch in self._release_info()["index_arches"]:
             for component in self.components:
                 index = self._index(component, arch)
                 row = index.get(name) if index else None
                 if row:
-                    return self._pin(self._from_row(row, component))
+                    return keep(self._from_row(row, component))
         raise self._not_found(name)
 
     def _from_lock(self, name: str) -> DebPackage:

@@ -199,40 +199,208 @@ def _remove(path: Path) -> None:
 
 
 def _debian_root(ctx, cache, progress: bool):
-    """(tarball path, identity, facts) of the mmdebstrap root, built once per content key."""
-    from builder.rootfs import mmdebstrap as mm
-    recipe, r = ctx.recipe, ctx.recipe.rootfs
+    """(tarball path, identity, facts) of the mmdebstrap root, built once per content key:
+    from the lock's pinned .debs when the build has a lock, else from the archive (and then
+    the root's package set is resolved for a lock to be written)."""
     archive = ctx.need_archive("rootfs.debian")
+    if archive.lock is not None:
+        return _pinned_root(ctx, archive, cache, progress)
+    tree, key, pins = discover_root(ctx.recipe, archive, cache, ctx.timestamp, progress, ctx.stage,
+                                    need_pins=bool(getattr(ctx, "want_root_pins", False)))
+    ctx.root_pins = pins
+    return tree / "root.tar", "debian:" + key, _facts(ctx.recipe, tree)
+
+
+def _facts(recipe, tree: Path, **more) -> dict:
+    r = recipe.rootfs
+    return {"variant": r.variant, "suite": recipe.debian.suite, "arch": spec.ARCHES[recipe.arch].debian_arch,
+            "include": list(r.packages), "version": (tree / "mmdebstrap.version").read_text().strip(), **more}
+
+
+def _installed(tree: Path) -> list:
+    from builder.rootfs.repo import packages_in_tar
+    listed = tree / "packages.json"
+    if listed.is_file():
+        return [tuple(p) for p in json.loads(listed.read_text())]
+    return packages_in_tar(tree / "root.tar")
+
+
+def discover_root(recipe, archive, cache, timestamp: int, progress: bool, stage, *, need_pins: bool):
+    """The root built by mmdebstrap from the recipe's archive -> (cache tree, key, pins).
+
+    pins: {name: DebPackage} of every package installed in the root, resolved through the
+    archive's verified Packages index (None unless `need_pins`: only a lock needs them). When
+    a lock is to be written and the cached root holds versions the archive no longer offers,
+    the root is built again from the archive as it is now."""
+    from builder.rootfs import mmdebstrap as mm
+    r = recipe.rootfs
     arch = spec.ARCHES[recipe.arch].debian_arch
-    pinned = []
-    with ctx.stage("resolve"):
+    with stage("resolve"):
+        named = []
         for name in r.packages:
-            if archive.lock is not None:
-                # The lock pins the image's own packages, not (yet) the root's closure.
-                pinned.append((name, ""))
-                continue
             try:
-                pkg = archive.resolve(name)
+                pkg = archive.resolve(name, pin=False)
             except ArmvmError as exc:
                 raise ArmvmError(f"{recipe.path}: field 'rootfs.debian.packages': {exc}") from None
-            pinned.append((pkg.name, pkg.version))
+            named.append((pkg.name, pkg.version))
     key = mm.cache_key(suite=recipe.debian.suite, components=recipe.debian.components, arch=arch,
-                       variant=r.variant, packages=pinned, timestamp=ctx.timestamp)
+                       variant=r.variant, packages=named, timestamp=timestamp)
+    if r.variant == "extract" and need_pins:
+        raise ArmvmError(f"{recipe.path}: field 'rootfs.debian.variant': a lock pins the packages "
+                         "the root installs, and variant 'extract' installs none (allowed with a lock: "
+                         f"{', '.join(v for v in mm.VARIANTS if v != 'extract')})")
 
     def build(dest: Path) -> None:          # only on a cache miss: a warm build needs no tools
         if archive.offline:
             raise ArmvmError("the Debian root of this recipe is not in the cache, and --offline forbids "
-                             "running mmdebstrap (it downloads); build once online with the same cache")
+                             "running mmdebstrap against the archive; build once online with the same "
+                             "cache, or lock the recipe (`armvm-build lock`, `armvm-build vendor`) to "
+                             "build the root offline from the pinned .debs")
         mm.check_tools(arch, r.variant)
         (dest / "mmdebstrap.version").write_text(mm.mmdebstrap_version() + "\n")
         with _status(progress, f"mmdebstrap {r.variant} {recipe.debian.suite} {arch}") as say:
             mm.run_mmdebstrap(out=dest / "root.tar", mirror=archive.mirror, suite=recipe.debian.suite,
                               components=recipe.debian.components, arch=arch, variant=r.variant,
-                              packages=r.packages, timestamp=ctx.timestamp,
+                              packages=r.packages, timestamp=timestamp,
                               keyring=archive.keyring if archive.keyring.is_file() else None,
                               progress=say, log=dest / "mmdebstrap.log")
+        from builder.rootfs.repo import packages_in_tar
+        (dest / "packages.json").write_text(json.dumps(packages_in_tar(dest / "root.tar")))
 
-    tree = cache.put_tree(f"rootfs-debian-{key}", build)
-    facts = {"variant": r.variant, "suite": recipe.debian.suite, "arch": arch, "include": list(r.packages),
-             "version": (tree / "mmdebstrap.version").read_text().strip()}
-    return tree / "root.tar", "debian:" + key, facts
+    for attempt in range(2):
+        tree = cache.put_tree(f"rootfs-debian-{key}", build)
+        if not need_pins:
+            return tree, key, None
+        with stage("resolve"):
+            pins, stale = _resolve_installed(archive, _installed(tree), arch)
+        if not stale or not need_pins:
+            return tree, key, (None if stale else pins)
+        # the cached root holds versions the archive no longer offers: build it afresh
+        key = hashlib.sha256(json.dumps([key, stale]).encode()).hexdigest()
+    raise ArmvmError(f"the archive changed while the root was built ({', '.join(stale[:5])}); "
+                     "run the command again")
+
+
+def _resolve_installed(archive, installed: list, arch: str):
+    """({name: DebPackage}, ["name version -> archive's" ...]) for the root's packages."""
+    pins, stale = {}, []
+    for name, version, parch in installed:
+        try:
+            pkg = archive.resolve(name, pin=False)
+        except ArmvmError:
+            stale.append(f"{name} {version} -> none")
+            continue
+        if pkg.version != version or parch not in ("all", arch) or pkg.architecture not in ("all", arch):
+            stale.append(f"{name} {version} -> {pkg.version}")
+            continue
+        pins[name] = pkg
+    return pins, stale
+
+
+HOOK_DIR = Path("/usr/share/mmdebstrap/hooks/file-mirror-automount")
+
+
+def _fetch_pinned(archive, pkg):
+    """The verified .deb of a pinned root package; a vendor file of that name whose sha256
+    is not the pinned one is named as such (not just as missing)."""
+    from builder.cache import sha256_file
+    try:
+        return archive.fetch(pkg, verify=True)
+    except ArmvmError as exc:
+        name = os.path.basename(pkg.filename)
+        for d in archive.fetcher.vendor_dirs:
+            f = Path(d) / name
+            if f.is_file():
+                got = sha256_file(f)[0]
+                if got != pkg.sha256:
+                    raise ArmvmError(f"{f}: sha256 is {got}, but the lock {archive.lock.path or ''} pins "
+                                     f"{pkg.sha256} for the root package {pkg.name} {pkg.version}; "
+                                     "the vendor file or the lock was altered (export the vendor "
+                                     "folder again from a good lock)", exit_code=3) from None
+        raise exc from None
+
+
+def _pinned_root(ctx, archive, cache, progress: bool):
+    """The root built by mmdebstrap from exactly the lock's `rootfs` packages: each .deb
+    fetched (or taken from the cache / a vendor folder) and checked against its pinned sha256,
+    put into a local flat repository with a Packages index written here, and mmdebstrap run
+    against that folder alone, installing every pinned package by name."""
+    from builder.debian.archive import DebPackage
+    from builder.debian.mirror import normalize_mirror
+    from builder.rootfs import mmdebstrap as mm
+    from builder.rootfs.repo import packages_in_tar, write_repo
+    recipe, r, lock = ctx.recipe, ctx.recipe.rootfs, archive.lock
+    arch = spec.ARCHES[recipe.arch].debian_arch
+    where = f"lock file {lock.path or '(lock)'}"
+    if not lock.rootfs:
+        raise ArmvmError(f"{where} pins no root packages (no `rootfs` section); update the lock: "
+                         f"armvm-build lock {recipe.path} (or build with --update-lock)")
+    if r.variant == "extract":
+        raise ArmvmError(f"{recipe.path}: field 'rootfs.debian.variant': 'extract' installs nothing a "
+                         "lock could pin; use essential, minbase or another installing variant")
+    missing = [n for n in r.packages if n not in lock.rootfs]
+    if missing:
+        raise ArmvmError(f"{where}: the root packages {', '.join(missing)} of {recipe.path.name} are not "
+                         f"pinned in its `rootfs` section; update the lock: armvm-build lock {recipe.path}")
+    pins = []
+    for name in sorted(lock.rootfs):
+        lp = lock.rootfs[name]
+        if lp.architecture not in ("", "all", arch):
+            raise ArmvmError(f"{where}: rootfs.{name} is pinned for {lp.architecture}, but this root "
+                             f"is for {arch}; update the lock")
+        pins.append(DebPackage(lp.name, lp.version, lp.architecture or arch, lp.filename, lp.sha256,
+                               lp.size, lp.depends))
+    mirror = lock.mirror and normalize_mirror(lock.mirror, f"{where}: mirror")
+    sources = f"deb {mirror} {recipe.debian.suite} {' '.join(recipe.debian.components)}" if mirror else \
+        "# the lock this root was built from names no mirror"
+    key = hashlib.sha256(json.dumps({
+        "suite": recipe.debian.suite, "arch": arch, "variant": r.variant, "include": sorted(r.packages),
+        "pins": sorted([p.name, p.version, p.architecture, p.sha256] for p in pins),
+        "sources": sources, "timestamp": ctx.timestamp, "format": "pinned-1"}, sort_keys=True).encode()).hexdigest()
+
+    def build(dest: Path) -> None:
+        import shlex
+        import tempfile
+        mm.check_tools(arch, r.variant)
+        if not HOOK_DIR.is_dir():
+            raise MissingToolError(str(HOOK_DIR), "mmdebstrap", "to build a root from a local repository")
+        with _status(progress, f"fetching {len(pins)} pinned root packages") as say:
+            debs = []
+            for n, p in enumerate(pins):
+                say(f"{n + 1}/{len(pins)} {p.name}")
+                art = _fetch_pinned(archive, p)
+                debs.append((p.name, p.version, art.path, p.sha256, p.size))
+        # Under /tmp: mmdebstrap's file-mirror hook bind-mounts the folder at the same path in
+        # the chroot, and its clean-up empties the chroot's /tmp, so no trace of it is left.
+        top = Path(tempfile.mkdtemp(prefix="armvm-root-repo-", dir="/tmp"))
+        try:
+            os.chmod(top, 0o755)
+            repo = top / "repo"
+            write_repo(repo, debs, recipe.debian.suite, arch)
+            (dest / "mmdebstrap.version").write_text(mm.mmdebstrap_version() + "\n")
+            hook = (f"rm -f \"$1\"/etc/apt/sources.list.d/*mmdebstrap*; "
+                    f"printf '%s\\n' {shlex.quote(sources)} > \"$1/etc/apt/sources.list\"")
+            with _status(progress, f"mmdebstrap {r.variant} {recipe.debian.suite} {arch} "
+                         f"from {len(pins)} pinned packages") as say:
+                mm.run_mmdebstrap(out=dest / "root.tar", mirror=f"deb [trusted=yes] file://{repo} ./",
+                                  suite=recipe.debian.suite, components=recipe.debian.components,
+                                  arch=arch, variant=r.variant, packages=[p.name for p in pins],
+                                  timestamp=ctx.timestamp, progress=say, log=dest / "mmdebstrap.log",
+                                  extra=[f"--hook-dir={HOOK_DIR}", f"--customize-hook={hook}"])
+        finally:
+            _remove(top)
+        got = packages_in_tar(dest / "root.tar")
+        want = sorted((p.name, p.version) for p in pins)
+        if sorted((n, v) for n, v, _ in got) != want:
+            have = {(n, v) for n, v, _ in got}
+            odd = [f"{n} {v}" for n, v in want if (n, v) not in have][:5]
+            raise ArmvmError("mmdebstrap did not install exactly the pinned root packages "
+                             f"(not installed: {', '.join(odd) or 'none'}; installed "
+                             f"{len(got)} of {len(want)})")
+        (dest / "packages.json").write_text(json.dumps(got))
+
+    tree = cache.put_tree(f"rootfs-pinned-{key}", build)
+    for p in pins:
+        ctx.record("rootfs.debian", f"debian:{p.name}={p.version}", p.sha256, p.size,
+                   filename=p.filename)
+    return tree / "root.tar", "debian-pinned:" + key, _facts(recipe, tree, pinned=len(pins))

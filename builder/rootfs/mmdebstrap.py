@@ -88,8 +88,9 @@ def cache_key(*, suite: str, components: Sequence[str], arch: str, variant: str,
 def run_mmdebstrap(*, out: Path, mirror: str, suite: str, components: Sequence[str], arch: str,
                    variant: str, packages: Sequence[str], timestamp: int,
                    keyring: Optional[Path] = None, progress: Optional[Callable[[str], None]] = None,
-                   log: Optional[Path] = None) -> None:
-    """mmdebstrap ... SUITE OUT.tar MIRROR; raises with the tail of its log on failure."""
+                   log: Optional[Path] = None, extra: Sequence[str] = ()) -> None:
+    """mmdebstrap ... SUITE OUT.tar MIRROR; raises with the tail of its log on failure.
+    MIRROR is a URL or a whole sources.list line (`deb [trusted=yes] file:DIR ./`)."""
     cmd = ["mmdebstrap", f"--variant={variant}", f"--architectures={arch}",
            f"--components={','.join(components)}", "--format=tar"]
     if packages:
@@ -98,6 +99,7 @@ def run_mmdebstrap(*, out: Path, mirror: str, suite: str, components: Sequence[s
         cmd.append(f"--keyring={keyring}")
     if os.geteuid() != 0:
         cmd.append("--mode=unshare")
+    cmd += list(extra)
     cmd += [suite, str(out), mirror]
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(timestamp), LC_ALL="C.UTF-8")
     tail: list[str] = []
