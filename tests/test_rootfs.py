@@ -252,7 +252,8 @@ def _render(root_fstype):
     from builder.initramfs import DEFAULT_TEMPLATE, render_init
     from builder import spec
     return render_init(DEFAULT_TEMPLATE.read_text(), dict(
-        modules=[], module_names=[], payload=None, payload_path="/p", kernel_version="6.1",
+        modules=[], module_names=[], module_deps=[], module_aliases=[], module_boot=[],
+        payload=None, payload_path="/p", kernel_version="6.1",
         report_prefix=spec.REPORT_PREFIX, boot_marker=spec.BOOT_MARKER, load_list="/l",
         root_fstype=root_fstype, root_timeout=30))
 
