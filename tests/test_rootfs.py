@@ -350,10 +350,16 @@ def test_unprivileged_root_from_a_tarball_keeps_owners_modes_and_devices(shared_
     code = ("import json,sys; from builder.rootfs import _run_stage; "
             "r=_run_stage(json.load(open(sys.argv[1])), False); print(json.dumps(r))")
     (work / "plan.json").write_text(json.dumps(plan))
-    # Debian's python3: the test runner's own interpreter may live where nobody can read.
+    # Debian's python3: the test runner's own interpreter may live where nobody can read, and
+    # so may the checkout (CI and make fresh-check clone under /root): the unprivileged user
+    # gets its own copy of the package.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "builder", src / "builder", ignore=shutil.ignore_patterns("__pycache__"))
+    for d, _, _ in os.walk(src):
+        os.chmod(d, 0o755)
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
-                          "-c", code, str(work / "plan.json")], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, HOME=str(work), PYTHONPATH=str(ROOT)), timeout=300)
+                          "-c", code, str(work / "plan.json")], capture_output=True, text=True, cwd=src,
+                         env=dict(os.environ, HOME=str(work), PYTHONPATH=str(src)), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     img = work / "root.ext4"
     assert os.stat(img).st_uid == 65534                         # really built unprivileged
