@@ -34,3 +34,22 @@ def run_limited(code: str, *, mem_mib: int = 512, cpu_s: int = 60, fsize: int | 
     child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-c", full, *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=child_env, timeout=cpu_s * 4)
+
+
+def small_tmpfs(tmp_path, mib: int):
+    """Yield a `mib` MiB tmpfs mounted under tmp_path (root only, else the test skips);
+    unmounted whatever happens. For disk-full tests."""
+    import shutil
+    import pytest
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root (disk-full tests)")
+    mnt = Path(tmp_path) / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -17,6 +17,7 @@ from builder.cache_admin import list_entries, prune
 from builder.debian.archive import DebianArchive
 from builder.errors import ArmvmError, SourceError
 from builder.sources import Fetcher
+from tests import limits
 from tests.debrepo import SUITE, debrepo, debrepo_files, make_deb, sign  # noqa: F401
 
 GENUINE = b"\x7fELF" * 8               # busybox-static's usr/bin/busybox in tests/debrepo.py
@@ -189,18 +190,7 @@ time.sleep(60)
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 3 MiB tmpfs mounted by the test (root only); unmounted whatever happens."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root (disk-full tests)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from limits.small_tmpfs(tmp_path, 3)
 
 
 def test_cache_disk_full_is_a_clean_error(small_tmpfs):

@@ -17,6 +17,7 @@ import pytest
 from builder.build import BuildOptions, build
 from builder.output import Staging
 from tests.fixtures import ARM, efi_recipe, pe_image
+from tests import limits
 from tests.limits import ROOT, run_limited
 
 ENV = {"SOURCE_DATE_EPOCH": "1700000000"}
@@ -161,18 +162,7 @@ main()
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 4 MiB tmpfs mounted by the test (root only); unmounted whatever happens."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root (disk-full tests)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from limits.small_tmpfs(tmp_path, 4)
 
 
 def test_disk_full_output_folder(tmp_path, small_tmpfs):

@@ -124,16 +124,8 @@ def installed_packages(root: Path) -> list:
     status = resolve_in(root, "var/lib/dpkg/status")
     if not status.is_file():
         return []
-    out = []
-    for para in status.read_text(errors="replace").split("\n\n"):
-        fields = {}
-        for line in para.splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                k, v = line.split(":", 1)
-                fields[k] = v.strip()
-        if fields.get("Package") and fields.get("Status", "").endswith(" installed"):
-            out.append([fields["Package"], fields.get("Version", ""), fields.get("Architecture", "")])
-    return sorted(out)
+    from builder.rootfs.repo import parse_status
+    return [list(p) for p in parse_status(status.read_text(errors="replace"))]
 
 
 def run(plan: dict) -> dict:
