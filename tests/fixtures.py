@@ -89,3 +89,22 @@ def efi_recipe(root: Path, *, name: str = "demo", sector_size: int = 512, disk: 
     path = root / f"{name}.yaml"
     path.write_text(text)
     return path
+
+
+def debian_tree(pytestconfig, suite: str, arch: str, package: str) -> Path:
+    """A package of the real Debian archive, extracted through the project's own client and
+    cached in pytest's cache dir; skips when offline tests are asked for or the keyring is
+    missing."""
+    import os
+    import pytest
+    if os.environ.get("ARMVM_OFFLINE_TESTS") == "1":
+        pytest.skip("ARMVM_OFFLINE_TESTS=1")
+    from builder.cache import Cache
+    from builder.debian.archive import DEFAULT_KEYRING, DebianArchive
+    from builder.sources import Fetcher
+    if not DEFAULT_KEYRING.is_file():
+        pytest.skip("debian-archive-keyring missing")
+    fetcher = Fetcher(cache=Cache(Path(pytestconfig.cache.mkdir("armvm-debian"))),
+                      progress=False)
+    archive = DebianArchive(fetcher, mirror=None, suite=suite, components=["main"], arch=arch)
+    return archive.extract(archive.resolve(package))

@@ -13,30 +13,18 @@ from jinja2 import Environment
 from builder import bootloader, spec
 from builder.bootloader import build_grub, find_signed_grub, render_grub_cfg
 from builder.errors import ArmvmError, MissingToolError
+from tests.fixtures import debian_tree
 
 # --- real GRUB modules from the Debian archive (network) --------------------------------
 
-OFFLINE = os.environ.get("ARMVM_OFFLINE_TESTS") == "1"
 
 
 @pytest.fixture(scope="module")
 def grub_trees(pytestconfig):
     """Extracted trixie grub-efi-{arm64,arm}-bin trees, cached in pytest's cache dir."""
-    if OFFLINE:
-        pytest.skip("ARMVM_OFFLINE_TESTS=1")
-    from builder.cache import Cache
-    from builder.debian.archive import DEFAULT_KEYRING, DebianArchive
-    from builder.sources import Fetcher
-    if not DEFAULT_KEYRING.is_file():
-        pytest.skip("debian-archive-keyring missing")
-    fetcher = Fetcher(cache=Cache(Path(pytestconfig.cache.mkdir("armvm-debian"))),
-                      progress=False)
-    trees = {}
-    for arch in spec.ARCHES.values():
-        archive = DebianArchive(fetcher, mirror=None, suite="trixie", components=["main"],
-                                arch=arch.debian_arch)
-        trees[arch.name] = archive.extract(archive.resolve(bootloader.grub_package(arch)))
-    return trees
+    return {arch.name: debian_tree(pytestconfig, "trixie", arch.debian_arch,
+                                   bootloader.grub_package(arch))
+            for arch in spec.ARCHES.values()}
 
 
 def pe_header(path: Path) -> dict:

@@ -10,6 +10,7 @@ import pytest
 from builder import spec
 from builder.errors import ArmvmError
 from builder.uki import build_uki, find_systemd_stub
+from tests.fixtures import debian_tree
 
 SA, FA = 0x1000, 0x200
 OSREL = 'NAME="Test"\nID=test\n'
@@ -255,21 +256,6 @@ def test_find_systemd_stub(tmp_path):
 
 
 # --- Debian's real stubs (network) --------------------------------------------------------
-
-def debian_tree(pytestconfig, suite: str, arch: str, package: str) -> Path:
-    import os
-    if os.environ.get("ARMVM_OFFLINE_TESTS") == "1":
-        pytest.skip("ARMVM_OFFLINE_TESTS=1")
-    from builder.cache import Cache
-    from builder.debian.archive import DEFAULT_KEYRING, DebianArchive
-    from builder.sources import Fetcher
-    if not DEFAULT_KEYRING.is_file():
-        pytest.skip("debian-archive-keyring missing")
-    fetcher = Fetcher(cache=Cache(Path(pytestconfig.cache.mkdir("armvm-debian"))),
-                      progress=False)
-    archive = DebianArchive(fetcher, mirror=None, suite=suite, components=["main"], arch=arch)
-    return archive.extract(archive.resolve(package))
-
 
 @pytest.mark.network
 @pytest.mark.parametrize("arch", ["aarch64", "armv7"])

@@ -18,10 +18,10 @@ import imagegen as g  # noqa: E402
 
 import builder.verify as verify  # noqa: E402
 from builder.verify import sdboot  # noqa: E402
+from tests.fixtures import debian_tree  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not g.have_tools("sfdisk", "mkfs.fat", "mcopy", "mmd"),
                                 reason="needs fdisk, dosfstools and mtools")
-OFFLINE = os.environ.get("ARMVM_OFFLINE_TESTS") == "1"
 SDMAGIC = [(".sdmagic", b"#### LoaderInfo: systemd-boot 257 ####"),
            (".osrel", b"ID=systemd-boot\n")]
 NO_GRUB = {"EFI/BOOT/grub.cfg": None, "vmlinuz": None, "initrd.img": None}
@@ -193,25 +193,11 @@ def test_loader_without_mods_and_grub_cfg_beside_is_judged_as_grub(tmp_path):
 
 # --- real tools: grub-mkimage, trixie's systemd-boot --------------------------------------
 
-def _debian_tree(pytestconfig, suite, arch, package):
-    if OFFLINE:
-        pytest.skip("ARMVM_OFFLINE_TESTS=1")
-    from builder.cache import Cache
-    from builder.debian.archive import DEFAULT_KEYRING, DebianArchive
-    from builder.sources import Fetcher
-    if not DEFAULT_KEYRING.is_file():
-        pytest.skip("debian-archive-keyring missing")
-    fetcher = Fetcher(cache=Cache(Path(pytestconfig.cache.mkdir("armvm-debian"))),
-                      progress=False)
-    archive = DebianArchive(fetcher, mirror=None, suite=suite, components=["main"], arch=arch)
-    return archive.extract(archive.resolve(package))
-
-
 @pytest.fixture(scope="module")
 def grub_modules(pytestconfig):
     if shutil.which("grub-mkimage") is None:
         pytest.skip("grub-mkimage (grub-common) missing")
-    return _debian_tree(pytestconfig, "trixie", "arm64", "grub-efi-arm64-bin") / \
+    return debian_tree(pytestconfig, "trixie", "arm64", "grub-efi-arm64-bin") / \
         "usr/lib/grub/arm64-efi"
 
 
@@ -258,7 +244,7 @@ def test_real_grub_mkimage_arm_efi_prefix(pytestconfig, tmp_path):
     """AArch32 GRUB: grub_module_info32 (magic, offset, size) instead of the 64-bit form."""
     if shutil.which("grub-mkimage") is None:
         pytest.skip("grub-mkimage (grub-common) missing")
-    mods = _debian_tree(pytestconfig, "trixie", "armhf", "grub-efi-arm-bin") / \
+    mods = debian_tree(pytestconfig, "trixie", "armhf", "grub-efi-arm-bin") / \
         "usr/lib/grub/arm-efi"
     out = tmp_path / "grub.efi"
     g.run("grub-mkimage", "-O", "arm-efi", "-d", mods, "-p", "/EFI/debian", "-o", out,
@@ -273,7 +259,7 @@ def test_real_grub_mkimage_arm_efi_prefix(pytestconfig, tmp_path):
 
 @pytest.fixture(scope="module")
 def systemd_boot(pytestconfig):
-    tree = _debian_tree(pytestconfig, "trixie", "arm64", "systemd-boot-efi")
+    tree = debian_tree(pytestconfig, "trixie", "arm64", "systemd-boot-efi")
     return (tree / "usr/lib/systemd/boot/efi/systemd-bootaa64.efi").read_bytes()
 
 
@@ -290,7 +276,7 @@ def test_real_systemd_boot_type1(tmp_path, systemd_boot):
 @pytest.mark.network
 def test_real_systemd_boot_type2_with_our_uki(tmp_path, systemd_boot, pytestconfig):
     from builder.uki import build_uki, find_systemd_stub
-    tree = _debian_tree(pytestconfig, "trixie", "arm64", "systemd-boot-efi")
+    tree = debian_tree(pytestconfig, "trixie", "arm64", "systemd-boot-efi")
     (tmp_path / "k").write_bytes(g.make_kernel("aarch64"))
     (tmp_path / "i").write_bytes(g.make_initramfs())
     uki = build_uki(stub=find_systemd_stub(tree, "aarch64"), kernel=tmp_path / "k",
