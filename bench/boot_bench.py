@@ -21,7 +21,7 @@ RUNS = int(os.environ.get("BOOT_RUNS", "3"))
 
 def _boots(image: Path, direct: bool = False) -> list:
     sys.path.insert(0, str(ROOT))
-    from builder.boot import boot_image
+    from builder.run.boot import boot_image
     out = []
     for _ in range(RUNS):
         kw = {}

@@ -25,7 +25,7 @@ insmod {{ path | shquote }} || echo "armvm-init: insmod {{ path }} failed (statu
 
 def peer_template() -> str:
     """The shipped /init with its cold-plug section replaced by insmod of every module."""
-    text = (ROOT / "builder" / "templates" / "init.j2").read_text()
+    text = (ROOT / "builder" / "payload" / "templates" / "init.j2").read_text()
     start = text.index("# Modules: every driver")
     end = text.index('echo "armvm-init: loaded')
     end = text.index("\n", end) + 1
@@ -34,7 +34,7 @@ def peer_template() -> str:
 
 def _boots(image: Path) -> tuple:
     sys.path.insert(0, str(ROOT))
-    from builder.boot import boot_image
+    from builder.run.boot import boot_image
     total, init = [], []
     for _ in range(RUNS):
         res = boot_image(image, arch="auto", timeout=300)

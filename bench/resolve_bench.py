@@ -57,7 +57,7 @@ def run(rows: list, measure) -> None:
         rows.append(("cold resolve vs apt", None, None, "skipped: apt-get not installed"))
         return
     sys.path.insert(0, str(ROOT))
-    from builder.debian.mirror import find_mirror
+    from builder.inputs.debian.mirror import find_mirror
     d = Path(tempfile.mkdtemp(prefix="armvm-resolvebench-"))
     try:
         mirror = find_mirror(None)

@@ -101,9 +101,9 @@ def recipe(d: Path, disk: str) -> Path:
 ASSEMBLE = """
 import sys, time
 from pathlib import Path
-from builder.recipe import load_recipe
-from builder.layout import PlannedFile, plan_layout
-from builder.assemble import write_image
+from builder.recipe.load import load_recipe
+from builder.disk.layout import PlannedFile, plan_layout
+from builder.disk.assemble import write_image
 from builder import spec
 r = load_recipe(sys.argv[1], environ={})
 files = [PlannedFile("EFI/BOOT/BOOTAA64.EFI", r.bootloader.source.file, r.bootloader.source.file.stat().st_size, "", "loader")]

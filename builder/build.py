@@ -12,8 +12,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from builder import __version__, spec
 from builder.errors import ArmvmError, RecipeError
-from builder.components import packages_used
-from builder.layout import PlannedFile, plan_layout
+from builder.payload.components import packages_used
+from builder.disk.layout import PlannedFile, plan_layout
 from builder.preflight import preflight
 
 
@@ -98,19 +98,19 @@ def _with_lock_command(exc: ArmvmError, recipe, options: BuildOptions) -> ArmvmE
 
 def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
     """(fetcher, archive or None, lock or None) for a recipe."""
-    from builder.cache import Cache
-    from builder.sources import Fetcher
+    from builder.inputs.cache import Cache
+    from builder.inputs.sources import Fetcher
     cache = Cache(options.cache_dir)
     lock = None
     lp = lock_path(recipe, options)
     if use_lock and lp.exists() and not options.update_lock:
-        from builder.lock import read_lock
+        from builder.inputs.lock import read_lock
         lock = read_lock(lp)
     fetcher = Fetcher(cache=cache, offline=options.offline, vendor_dirs=list(options.vendor_dirs),
                       progress=options.progress)
     archive = None
     if recipe.debian is not None:
-        from builder.debian.archive import DebianArchive
+        from builder.inputs.debian.archive import DebianArchive
         archive = DebianArchive(fetcher, mirror=options.mirror or recipe.debian.mirror, suite=recipe.debian.suite,
                                 components=recipe.debian.components, arch=spec.ARCHES[recipe.arch].debian_arch,
                                 keyring=options.keyring, lock=lock, offline=options.offline)
@@ -122,14 +122,14 @@ def open_inputs(recipe, options: BuildOptions, *, use_lock: bool = True):
 
 def gather(ctx) -> List[PlannedFile]:
     """Fetch and build every ESP file; returns them with their roles."""
-    from builder import components as c
-    from builder.cache import sha256_file
+    from builder.payload import components as c
+    from builder.inputs.cache import sha256_file
     recipe = ctx.recipe
     arch = spec.ARCHES[recipe.arch]
     c.check_supported(recipe)
     kernel = kinfo = initrd = None
     if recipe.rootfs is not None:
-        from builder.layout import root_fs_ids, root_partition_number
+        from builder.disk.layout import root_fs_ids, root_partition_number
         ctx.root_uuid = str(root_fs_ids(ctx.seed, root_partition_number(recipe))[0])
     if recipe.kernel:
         kernel, kinfo = c.prepare_kernel(ctx)
@@ -175,10 +175,10 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
 
 
 def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildResult:
-    from builder.assemble import write_image
-    from builder.components import Context
-    from builder.output import Staging, bmap_xml, canonical_json, sha256_sparse
-    from builder.recipe import load_recipe
+    from builder.disk.assemble import write_image
+    from builder.payload.components import Context
+    from builder.publish.output import Staging, bmap_xml, canonical_json, sha256_sparse
+    from builder.recipe.load import load_recipe
 
     environ = os.environ if options.environ is None else options.environ
     t_start = time.perf_counter()
@@ -212,7 +212,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
             with ctx.stage("plan"):
                 layout = plan_layout(recipe, files, timestamp=timestamp, seed=seed)
             if recipe.rootfs is not None:
-                from builder.rootfs import prepare_root
+                from builder.payload.rootfs import prepare_root
                 layout = prepare_root(ctx, layout)
             image_tmp = staging.temp_path(f"{recipe.name}.raw")
             with ctx.stage("assembly"):
@@ -254,13 +254,13 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                     _stage_direct(staging, recipe.name, ctx.direct)
             outputs = staging.commit()
             if options.update_lock and archive is not None:
-                from builder.lock import write_lock
+                from builder.inputs.lock import write_lock
                 write_lock(lock_path(recipe, options), _with_root(archive.make_lock(timestamp),
                                                                   getattr(ctx, "root_pins", None)))
                 outputs.append(lock_path(recipe, options))
             return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
         except OSError as exc:
-            from builder.output import disk_full_error
+            from builder.publish.output import disk_full_error
             raise disk_full_error(exc, work) from None   # ENOSPC/EDQUOT/EFBIG: a clean error
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -271,7 +271,7 @@ def _with_root(lock_, pins):
     if not pins:
         return lock_
     import dataclasses
-    from builder.lock import LockedPackage
+    from builder.inputs.lock import LockedPackage
     return dataclasses.replace(lock_, rootfs={
         p.name: LockedPackage(p.name, p.version, p.filename, p.sha256, p.size, p.architecture, p.depends)
         for p in (pins[n] for n in sorted(pins))})
@@ -288,9 +288,9 @@ def _stage_direct(staging, name: str, direct) -> None:
 def lock(recipe_path, options: BuildOptions = BuildOptions(), on_warning=None) -> Path:
     """Resolve every Debian package the recipe uses and write the lock (--lock PATH, else
     <rendered name>.lock beside the recipe)."""
-    from builder.lock import write_lock
+    from builder.inputs.lock import write_lock
     from builder.progress import BuildProgress
-    from builder.recipe import load_recipe
+    from builder.recipe.load import load_recipe
     environ = os.environ if options.environ is None else options.environ
     with BuildProgress(options.progress) as progress:
         with progress.stage("recipe"):
@@ -308,7 +308,7 @@ def lock(recipe_path, options: BuildOptions = BuildOptions(), on_warning=None) -
         pins = None
         if recipe.rootfs is not None and recipe.rootfs.kind == "debian":
             # the root's whole package set: what mmdebstrap installs (run now unless cached)
-            from builder.rootfs import discover_root
+            from builder.payload.rootfs import discover_root
             _, _, pins = discover_root(recipe, archive, archive.cache, timestamp, bool(archive.fetcher.progress),
                                        progress.stage, need_pins=True)
     path = lock_path(recipe, options)
@@ -318,9 +318,9 @@ def lock(recipe_path, options: BuildOptions = BuildOptions(), on_warning=None) -
 
 def vendor(recipe_path, dest: Path, options: BuildOptions = BuildOptions(), on_warning=None) -> List[Path]:
     """Export every .deb pinned by the recipe's lock into `dest` (for offline rebuilds)."""
-    from builder.lock import export_vendor
+    from builder.inputs.lock import export_vendor
     from builder.progress import BuildProgress
-    from builder.recipe import load_recipe
+    from builder.recipe.load import load_recipe
     environ = os.environ if options.environ is None else options.environ
     recipe = load_recipe(recipe_path, overrides=options.overrides, environ=environ)
     for w in recipe.warnings:

@@ -89,7 +89,7 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
           as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
     """Build output/<name>.raw (+ .manifest.json, .verify.json, .bmap) from a recipe."""
     from builder.build import BuildOptions, build as do_build
-    from builder.recipe import parse_set
+    from builder.recipe.load import parse_set
     try:
         overrides = parse_set(set_)
     except ArmvmError as err:
@@ -163,9 +163,9 @@ def _fetch_kernel_config(report, quiet: bool = False) -> Path:
     the project's archive client (signed index, cached). Debian keeps only current kernels."""
     import re
     from builder import spec
-    from builder.cache import Cache, default_cache_root
-    from builder.debian.archive import DebianArchive
-    from builder.sources import Fetcher
+    from builder.inputs.cache import Cache, default_cache_root
+    from builder.inputs.debian.archive import DebianArchive
+    from builder.inputs.sources import Fetcher
     rel, arch = report.kernel_release, report.arch
     m = re.fullmatch(r"\d+\.\d+[^\s/]*\+deb(\d+)-[a-z0-9-]+", rel or "")
     suites = {"11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
@@ -242,7 +242,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         raise typer.BadParameter("use on or off", param_hint="--acpi")
     if checks and until_login:
         raise typer.BadParameter("--checks boots our marker images; use one of them", param_hint="--until-login")
-    from builder import bootcheck, bootview
+    from builder.run import bootcheck
+    from builder.run import bootview
     from builder.errors import NotAnImageError
     live = bootview.BootProgress(False if (quiet or as_json or verbose or interactive) else None)
     stem = image.name[:-4] if image.name.endswith(".raw") else image.name
@@ -270,7 +271,7 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
                 typer.echo("")
                 typer.echo(report.format_table())
             raise typer.Exit(0 if out["ok"] else EXIT_FAILED)
-        from builder.boot import boot_image
+        from builder.run.boot import boot_image
         direct_args = _direct_files(image) if direct else None
         with live:
             task = live.boot(image.name)
@@ -282,7 +283,7 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
             task.done()
     except ArmvmError as err:
         _fail(err, as_json)
-    except KeyboardInterrupt:           # Ctrl-C, SIGTERM, SIGHUP (builder.boot)
+    except KeyboardInterrupt:           # Ctrl-C, SIGTERM, SIGHUP (builder.run.boot)
         kept = f"console logs kept in {log_path.parent}" if checks else f"console log kept at {log_path}"
         typer.echo(f"armvm-build: interrupted; QEMU stopped, {kept}", err=True)
         raise typer.Exit(130)
@@ -317,7 +318,7 @@ def lock_cmd(recipe: Path = typer.Argument(..., help="The recipe."),
              quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display.")):
     """Pin every Debian package the recipe uses (and SOURCE_DATE_EPOCH) in a lock file."""
     from builder.build import BuildOptions, lock
-    from builder.recipe import parse_set
+    from builder.recipe.load import parse_set
     try:
         overrides = parse_set(set_)
     except ArmvmError as err:
@@ -339,7 +340,7 @@ def vendor_cmd(recipe: Path = typer.Argument(..., help="The recipe (its lock mus
                quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display.")):
     """Export the files a lock pins, so the image can be rebuilt after the archive moves on."""
     from builder.build import BuildOptions, vendor
-    from builder.recipe import parse_set
+    from builder.recipe.load import parse_set
     try:
         overrides = parse_set(set_)
     except ArmvmError as err:
@@ -366,8 +367,8 @@ def _mib(n: int) -> str:
 def cache_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable list on stdout.")):
     """Every cached blob and tree with its size and last use, least recently used first."""
     import time as _time
-    from builder.cache import default_cache_root
-    from builder.cache_admin import list_entries
+    from builder.inputs.cache import default_cache_root
+    from builder.inputs.cache_admin import list_entries
     root = default_cache_root()
     entries = list_entries(root)
     total = sum(e.size for e in entries)
@@ -391,12 +392,12 @@ def cache_prune(older_than: Optional[float] = typer.Option(None, "--older-than",
                 as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
     """Remove cache entries by age of last use and/or total size. Entries a running build holds
     are never removed; with no option, entries unused for 30 days go."""
-    from builder.cache import default_cache_root
-    from builder.cache_admin import prune
+    from builder.inputs.cache import default_cache_root
+    from builder.inputs.cache_admin import prune
     limit = None
     if max_size is not None:
         from builder.errors import RecipeError
-        from builder.recipe_validate import parse_size
+        from builder.recipe.validate import parse_size
         try:
             limit = parse_size(max_size)
         except RecipeError as err:
@@ -424,7 +425,7 @@ def cache_prune(older_than: Optional[float] = typer.Option(None, "--older-than",
 @app.command()
 def schema():
     """Print the recipe JSON Schema (for editors)."""
-    from builder.recipe_schema import SCHEMA
+    from builder.recipe.schema import SCHEMA
     typer.echo(json.dumps(SCHEMA, indent=2))
 
 

@@ -2,7 +2,7 @@
 starts a new one), milestones timed, the marker regex and prompts matched on unfinished
 lines too, failures that end a boot recognised, failed systemd units collected.
 
-Plain text in, facts out; builder.boot runs QEMU and feeds the bytes.
+Plain text in, facts out; builder.run.boot runs QEMU and feeds the bytes.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import codecs
 import re
 from typing import Callable
 
-from . import spec
-from .errors import ArmvmError
+from builder import spec
+from builder.errors import ArmvmError
 
 MAX_CONSOLE_CHARS = 16 * 1024 * 1024   # keep at most this much console text
 MAX_LINE_CHARS = 64 * 1024             # an unterminated line is cut here

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.errors import RecipeError
-from builder.recipe_validate import bare_message
+from builder.recipe.validate import bare_message
 
 
 def preflight(recipe) -> None:
@@ -16,7 +16,7 @@ def preflight(recipe) -> None:
     recipe names exists, the partitions fit the disk and the ESP can hold FAT32 at the
     sector size. Errors carry the recipe line and the size needed in MiB."""
     from builder.disk.fat32 import min_fat32_bytes
-    from builder.layout import plan_layout
+    from builder.disk.layout import plan_layout
     for fname, p in _local_files(recipe):
         if not p.is_file():
             what = "is a directory" if p.is_dir() else "does not exist"

@@ -99,9 +99,9 @@ def debian_tree(pytestconfig, suite: str, arch: str, package: str) -> Path:
     import pytest
     if os.environ.get("ARMVM_OFFLINE_TESTS") == "1":
         pytest.skip("ARMVM_OFFLINE_TESTS=1")
-    from builder.cache import Cache
-    from builder.debian.archive import DEFAULT_KEYRING, DebianArchive
-    from builder.sources import Fetcher
+    from builder.inputs.cache import Cache
+    from builder.inputs.debian.archive import DEFAULT_KEYRING, DebianArchive
+    from builder.inputs.sources import Fetcher
     if not DEFAULT_KEYRING.is_file():
         pytest.skip("debian-archive-keyring missing")
     fetcher = Fetcher(cache=Cache(Path(pytestconfig.cache.mkdir("armvm-debian"))),

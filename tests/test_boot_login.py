@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.boot import boot_image
+from builder.run.boot import boot_image
 
 pytestmark = [pytest.mark.boot, pytest.mark.network,
               pytest.mark.skipif(os.environ.get("ARMVM_OFFLINE_TESTS") == "1",

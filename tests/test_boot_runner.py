@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder import console, qemu, spec
-from builder.boot import boot_image
+from builder import console, spec
+from builder.run import qemu
+from builder.run.boot import boot_image
 from builder.console import ConsoleWatcher, strip_ansi
 from builder.errors import ArmvmError, MissingToolError, NotAnImageError
-from builder.qemu import find_firmware, kvm_usable, probe_image, qemu_command
+from builder.run.qemu import find_firmware, kvm_usable, probe_image, qemu_command
 
 sys.path.insert(0, str(Path(__file__).parent))
 import imagegen as g  # noqa: E402

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import boot
-from builder.boot import boot_image
+from builder.run import boot
+from builder.run.boot import boot_image
 from builder.console import ConsoleWatcher
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -374,7 +374,7 @@ def test_stale_cleanup_leaves_live_folders_alone(fq):
 
 
 def test_concurrent_checks_match_sequential(fq):
-    from builder import bootcheck
+    from builder.run import bootcheck
     fq(OK_PLAN)
     seq = bootcheck.run_checks(fq.image, arch="aarch64", timeout=60, concurrent=False)
     par = bootcheck.run_checks(fq.image, arch="aarch64", timeout=60, concurrent=True)
@@ -386,7 +386,7 @@ def test_concurrent_checks_match_sequential(fq):
 
 def test_sigterm_stops_concurrent_checks(fq):
     import threading
-    from builder import bootcheck
+    from builder.run import bootcheck
     fq([{"out": FIRMWARE}, {"sleep": 300}])
     threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     t0 = time.monotonic()

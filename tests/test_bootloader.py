@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from jinja2 import Environment
 
-from builder import bootloader, spec
-from builder.bootloader import build_grub, find_signed_grub, render_grub_cfg
+from builder import spec
+from builder.payload import bootloader
+from builder.payload.bootloader import build_grub, find_signed_grub, render_grub_cfg
 from builder.errors import ArmvmError, MissingToolError
 from tests.fixtures import debian_tree
 

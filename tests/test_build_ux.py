@@ -19,7 +19,7 @@ import pytest
 from builder.build import BuildOptions, build, lock_command, lock_path
 from builder.preflight import preflight
 from builder.errors import RecipeError
-from builder.recipe import load_recipe
+from builder.recipe.load import load_recipe
 from tests.fixtures import efi_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,7 +252,7 @@ def test_stale_lock_error_prints_the_lock_command(tmp_path):
 
 # --- virtio transports and small messages ------------------------------------------------------
 def test_virtio_transports_are_added_when_they_are_modules():
-    from builder.components import with_virtio_transports
+    from builder.payload.components import with_virtio_transports
     kinfo = SimpleNamespace(modules={"virtio_pci": 1, "virtio_mmio": 1, "virtio_blk": 1})
     assert with_virtio_transports(kinfo, ("virtio_blk",)) == ("virtio_pci", "virtio_mmio", "virtio_blk")
     assert with_virtio_transports(kinfo, ("virtio_mmio", "virtio_blk")) == ("virtio_pci", "virtio_mmio",
@@ -283,6 +283,6 @@ def test_m_means_mib(tmp_path):
 
 
 def test_vendor_hint_names_the_recipe():
-    text = (ROOT / "builder" / "debian" / "archive.py").read_text()
+    text = (ROOT / "builder" / "inputs" / "debian" / "archive.py").read_text()
     assert "armvm-build vendor RECIPE DIR" in text
     assert not re.search(r"armvm-build vendor DIR", text)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import Cache
-from builder.debian.archive import DebianArchive, kernel_dependency
+from builder.inputs.cache import Cache
+from builder.inputs.debian.archive import DebianArchive, kernel_dependency
 from builder.errors import ArmvmError, SourceError
-from builder.lock import export_vendor, read_lock, write_lock
-from builder.sources import Fetcher
+from builder.inputs.lock import export_vendor, read_lock, write_lock
+from builder.inputs.sources import Fetcher
 from tests.debrepo import SUITE, closed_port_url, debrepo, debrepo_files  # noqa: F401
 
 KERNEL = "linux-image-9.9.9-test-arm64"
@@ -270,7 +270,7 @@ def test_cached_tree_is_not_extracted_again(debrepo, tmp_path, monkeypatch):
     archive = make(debrepo, tmp_path / "c")
     pkg = archive.resolve("busybox-static")
     tree = archive.extract(pkg)
-    import builder.debian.archive as archive_module
+    import builder.inputs.debian.archive as archive_module
 
     def no_extract(*args):
         raise AssertionError("extracted again")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.debian import deb as debmod
-from builder.debian.deb import extract_deb, read_control
+from builder.inputs.debian import deb as debmod
+from builder.inputs.debian.deb import extract_deb, read_control
 from builder.errors import ArmvmError
 from tests.debrepo import ar_archive, kernel_entries, make_deb
 

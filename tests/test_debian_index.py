@@ -1,4 +1,4 @@
-"""The streaming Packages scan (builder/debian/index.py) against python-debian's own parse
+"""The streaming Packages scan (builder/inputs/debian/index.py) against python-debian's own parse
 of the same text, cut into pieces at every kind of boundary."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from builder.debian.index import MAX_PARAGRAPH, Index, IndexStream, build_index
+from builder.inputs.debian.index import MAX_PARAGRAPH, Index, IndexStream, build_index
 from builder.errors import ArmvmError
 
 TEXT = (

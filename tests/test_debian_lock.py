@@ -6,7 +6,7 @@ import json
 import pytest
 
 from builder.errors import ArmvmError
-from builder.lock import Lock, LockedPackage, lock_to_json, read_lock, write_lock
+from builder.inputs.lock import Lock, LockedPackage, lock_to_json, read_lock, write_lock
 
 SHA = "ab" * 32
 

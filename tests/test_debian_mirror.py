@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.debian.mirror import find_mirror
+from builder.inputs.debian.mirror import find_mirror
 from builder.errors import ArmvmError
 
 DEB822 = """\

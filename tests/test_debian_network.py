@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from builder.cache import Cache
-from builder.debian.archive import DEFAULT_KEYRING, DebianArchive
-from builder.debian.deb import read_control
-from builder.debian.mirror import find_mirror
-from builder.sources import Fetcher
+from builder.inputs.cache import Cache
+from builder.inputs.debian.archive import DEFAULT_KEYRING, DebianArchive
+from builder.inputs.debian.deb import read_control
+from builder.inputs.debian.mirror import find_mirror
+from builder.inputs.sources import Fetcher
 
 pytestmark = [
     pytest.mark.network,

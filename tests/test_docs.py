@@ -3,7 +3,7 @@ starts with the two commands .ci/run relies on."""
 import re
 from pathlib import Path
 
-from builder.docs import (BEGIN, CHECKS_BEGIN, CHECKS_END, END, TEMPLATES_BEGIN, TEMPLATES_END,
+from builder.recipe.docs import (BEGIN, CHECKS_BEGIN, CHECKS_END, END, TEMPLATES_BEGIN, TEMPLATES_END,
                           checks_reference, reference, templates_reference)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_readme_recipe_reference_is_generated_from_schema():
     text = (ROOT / "README.md").read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    assert text[start:end] == reference(), "run: python -m builder.docs --update (README is stale)"
+    assert text[start:end] == reference(), "run: python -m builder.recipe.docs --update (README is stale)"
     start, end = text.index(TEMPLATES_BEGIN), text.index(TEMPLATES_END) + len(TEMPLATES_END)
-    assert text[start:end] == templates_reference(), "run: python -m builder.docs --update (README is stale)"
+    assert text[start:end] == templates_reference(), "run: python -m builder.recipe.docs --update (README is stale)"
     start, end = text.index(CHECKS_BEGIN), text.index(CHECKS_END) + len(CHECKS_END)
-    assert text[start:end] == checks_reference(), "run: python -m builder.docs --update (README is stale)"
+    assert text[start:end] == checks_reference(), "run: python -m builder.recipe.docs --update (README is stale)"
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_them():

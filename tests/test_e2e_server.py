@@ -88,7 +88,7 @@ def test_rebuild_in_another_folder_is_byte_identical(built, tmp_path):
     """The mmdebstrap root is reused, but the ext4 is written again from it (a fresh cache
     holding only the root tarball) and must come out the same, root partition included."""
     name, d, _ = built
-    from builder.cache import TREES, default_cache_root
+    from builder.inputs.cache import TREES, default_cache_root
     cache = Path(os.environ.get("ARMVM_CACHE_DIR") or default_cache_root())
     fresh = tmp_path / "cache"
     (fresh / TREES).mkdir(parents=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder.disk.ext4 import fsck, write_ext4
-from builder.rootfs.stage import scan
+from builder.payload.rootfs.stage import scan
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="stages owners and device nodes as root "
                                 "(the unprivileged road is tested through fakeroot in test_rootfs.py)")

@@ -6,8 +6,8 @@ import hashlib
 import os
 import time
 
-from builder import cache as cache_mod
-from builder.cache import Cache
+from builder.inputs import cache as cache_mod
+from builder.inputs.cache import Cache
 
 
 def _old(path, seconds=10):

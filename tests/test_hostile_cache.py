@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import TREES, Cache
-from builder.cache_admin import list_entries, prune
-from builder.debian.archive import DebianArchive
+from builder.inputs.cache import TREES, Cache
+from builder.inputs.cache_admin import list_entries, prune
+from builder.inputs.debian.archive import DebianArchive
 from builder.errors import ArmvmError, SourceError
-from builder.sources import Fetcher
+from builder.inputs.sources import Fetcher
 from tests import limits
 from tests.debrepo import SUITE, debrepo, debrepo_files, make_deb, sign  # noqa: F401
 
@@ -167,7 +167,7 @@ def test_prune_never_removes_what_a_running_build_holds(tmp_path):
     _fill(root)
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
-from builder.cache import Cache
+from builder.inputs.cache import Cache
 c = Cache({str(root)!r})
 assert c.tree("t-old") is not None
 print("held", flush=True)
@@ -211,7 +211,7 @@ def test_cache_disk_full_is_a_clean_error(small_tmpfs):
 def test_index_sqlite_disk_full_is_a_clean_error(small_tmpfs):
     """sqlite3.OperationalError (database or disk is full) becomes a clean error."""
     import lzma
-    from builder.debian.index import build_index
+    from builder.inputs.debian.index import build_index
     packages = small_tmpfs.parent / "Packages.xz"
     stanza = "".join(f"Package: p{i}\nVersion: 1\nArchitecture: arm64\nFilename: pool/p{i}.deb\n"
                      f"SHA256: {'a' * 64}\nSize: 1\nDepends: {'x' * 300}\n\n"

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("tar", "zstd",
 BOMB_BYTES = 1536 << 20          # what the header declares: 1.5 GiB
 EXTRACT = """
 import sys
-from builder.debian.deb import extract_deb, read_control
+from builder.inputs.debian.deb import extract_deb, read_control
 from builder.errors import ArmvmError
 deb, dest, what = sys.argv[1:4]
 try:
@@ -109,7 +109,7 @@ def test_header_bomb_in_control_archive(tmp_path, zeros_frame):
 def test_member_count_is_capped(tmp_path, monkeypatch):
     """tarfile keeps every TarInfo in stream mode; the reader drops them as it goes and caps
     the count (MAX_MEMBERS), so millions of tiny headers cannot pile up."""
-    from builder.debian import deb as debmod
+    from builder.inputs.debian import deb as debmod
     from builder.errors import ArmvmError
     from tests.debrepo import make_deb
     monkeypatch.setattr(debmod, "MAX_MEMBERS", 5)
@@ -154,7 +154,7 @@ import io, os, shutil, sys, tempfile, tarfile
 from hypothesis import given, settings, HealthCheck, strategies as st
 sys.path.insert(0, sys.argv[1])
 from tests.debrepo import _tar, ar_archive, compress
-from builder.debian.deb import extract_deb, read_control
+from builder.inputs.debian.deb import extract_deb, read_control
 from builder.errors import ArmvmError
 
 BASE = _tar([("./", "dir", None, 0o755), ("./usr/", "dir", None, 0o755),
@@ -219,7 +219,7 @@ def test_lock_and_vendor_folder_deliver_the_bomb_cli(tmp_path, zeros_frame):
     memory, and publishes nothing."""
     import hashlib
     import json as _json
-    from builder.lock import Lock, LockedPackage, write_lock
+    from builder.inputs.lock import Lock, LockedPackage, write_lock
     from tests.fixtures import efi_recipe
     work = tmp_path / "bomb"
     work.mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder.build import BuildOptions, build
-from builder.output import Staging
+from builder.publish.output import Staging
 from tests.fixtures import ARM, efi_recipe, pe_image
 from tests import limits
 from tests.limits import ROOT, run_limited
@@ -70,7 +70,7 @@ def test_good_build_replaces_planted_symlinks_without_following(tmp_path):
 KILLED = """
 import os, signal, sys
 from pathlib import Path
-from builder.output import Staging
+from builder.publish.output import Staging
 s = Staging(Path(sys.argv[1]), sys.argv[2])
 tmp = s.temp_path(sys.argv[2] + ".raw")
 os.truncate(tmp, 512 << 20)                      # the 512 MiB sparse image

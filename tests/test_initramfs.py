@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from builder import spec
-from builder.cpio import NewcArchive
+from builder.payload.cpio import NewcArchive
 from builder.errors import ArmvmError
-from builder.initramfs import (COMPRESSIONS, build_initramfs, find_busybox, render_init)
-from builder.kernel import inspect_kernel, resolve_drivers
+from builder.payload.initramfs import (COMPRESSIONS, build_initramfs, find_busybox, render_init)
+from builder.payload.kernel import inspect_kernel, resolve_drivers
 from tests.kofixtures import fake_busybox, make_kernel_tree
 
 A64 = spec.ARCHES["aarch64"]
@@ -197,8 +197,8 @@ def test_byte_identical_and_host_independent(kernel, busybox, tmp_path):
     script = (
         "import os, sys; os.umask(0o077); sys.path[:0] = [sys.argv[1]]\n"
         "from pathlib import Path\n"
-        "from builder.kernel import inspect_kernel, resolve_drivers\n"
-        "from builder.initramfs import build_initramfs\n"
+        "from builder.payload.kernel import inspect_kernel, resolve_drivers\n"
+        "from builder.payload.initramfs import build_initramfs\n"
         "from builder import spec\n"
         "k = inspect_kernel(Path(sys.argv[2]), spec.ARCHES['aarch64'])\n"
         "build_initramfs(out=Path(sys.argv[3]), kernel=k, busybox=Path(sys.argv[4]),\n"
@@ -387,7 +387,7 @@ def test_init_always_loads_modules_that_drive_no_device(kernel, busybox, tmp_pat
 def test_alias_regex_matches_like_fnmatch(alias, value, match):
     """The ERE /init greps with agrees with fnmatch (modprobe's rules), judged by grep."""
     import fnmatch
-    from builder.initramfs import alias_regex
+    from builder.payload.initramfs import alias_regex
     assert fnmatch.fnmatchcase(value, alias) == match
     run = subprocess.run(["grep", "-q", "-x", "-E", "-e", alias_regex(alias)], input=value + "\n",
                          text=True)

@@ -6,10 +6,10 @@ import os
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from builder import kernel as kmod
+from builder.payload import kernel as kmod
 from builder import spec
 from builder.errors import ArmvmError
-from builder.kernel import builtin_names, elf_section, inspect_kernel, resolve_drivers
+from builder.payload.kernel import builtin_names, elf_section, inspect_kernel, resolve_drivers
 from tests.kofixtures import (compile_modinfo_object, kernel_image, make_kernel_tree, make_ko,
                               with_machine)
 

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from builder.errors import ArmvmError, RecipeError
-from builder.recipe import load_recipe, parse_set
-from builder.recipe_validate import parse_size
+from builder.recipe.load import load_recipe, parse_set
+from builder.recipe.validate import parse_size
 
 GOOD = """\
 name: demo
@@ -115,7 +115,7 @@ def test_template_cannot_reach_python_internals(tmp_path):
 
 
 def test_template_endless_loop_is_stopped(tmp_path, monkeypatch):
-    from builder import templating
+    from builder.recipe import templating
     monkeypatch.setattr(templating, "TEMPLATE_SECONDS", 0.5)
     text = "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}name: demo\n"
     with pytest.raises(RecipeError) as info:
@@ -150,7 +150,7 @@ def test_set_requires_name_value():
 
 
 def test_schema_is_json_and_documents_every_field():
-    from builder.recipe_schema import SCHEMA
+    from builder.recipe.schema import SCHEMA
 
     def walk(node, path):
         for key, sub in node.get("properties", {}).items():

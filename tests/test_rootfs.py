@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ArmvmError, RecipeError
-from builder.rootfs import hygiene
-from builder.rootfs.tarball import check_tar
+from builder.payload.rootfs import hygiene
+from builder.payload.rootfs.tarball import check_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 TS = 1700000000
@@ -179,7 +179,7 @@ bootloader: {type: grub}
 
 
 def recipe(tmp_path, text):
-    from builder.recipe import load_recipe
+    from builder.recipe.load import load_recipe
     p = tmp_path / "r.yaml"
     p.write_text(textwrap.dedent(BASE) + textwrap.dedent(text))
     return load_recipe(p)
@@ -217,8 +217,8 @@ def test_bad_rootfs_recipes_are_refused(tmp_path, text, words):
 
 
 def test_cmdline_names_the_root_by_uuid_derived_from_the_seed(tmp_path):
-    from builder.components import Context, kernel_cmdline
-    from builder.layout import root_fs_ids
+    from builder.payload.components import Context, kernel_cmdline
+    from builder.disk.layout import root_fs_ids
     r = recipe(tmp_path, """
         seed: fixed
         rootfs: {tar: a.tar}
@@ -233,7 +233,7 @@ def test_cmdline_names_the_root_by_uuid_derived_from_the_seed(tmp_path):
 
 def test_layout_gives_the_root_the_dps_type_and_records_it(tmp_path):
     from builder import spec
-    from builder.layout import plan_layout
+    from builder.disk.layout import plan_layout
     r = recipe(tmp_path, """
         rootfs: {tar: a.tar}
         disk: {size: 1GiB, partitions: [{type: esp, size: 256MiB}, {type: root, format: ext4}]}
@@ -249,7 +249,7 @@ def test_layout_gives_the_root_the_dps_type_and_records_it(tmp_path):
 # --- /init -----------------------------------------------------------------------------------
 
 def _render(root_fstype):
-    from builder.initramfs import DEFAULT_TEMPLATE, render_init
+    from builder.payload.initramfs import DEFAULT_TEMPLATE, render_init
     from builder import spec
     return render_init(DEFAULT_TEMPLATE.read_text(), dict(
         modules=[], module_names=[], module_deps=[], module_aliases=[], module_boot=[],
@@ -347,7 +347,7 @@ def test_unprivileged_root_from_a_tarball_keeps_owners_modes_and_devices(shared_
             "ext4": {"target": str(work / "root.ext4"), "offset": 0, "size": 64 * MIB,
                      "uuid": str(uuid.UUID(int=3)), "hash_seed": str(uuid.UUID(int=4))},
             "result": str(work / "result.json")}
-    code = ("import json,sys; from builder.rootfs import _run_stage; "
+    code = ("import json,sys; from builder.payload.rootfs import _run_stage; "
             "r=_run_stage(json.load(open(sys.argv[1])), False); print(json.dumps(r))")
     (work / "plan.json").write_text(json.dumps(plan))
     # Debian's python3: the test runner's own interpreter may live where nobody can read, and
@@ -387,7 +387,7 @@ def test_unprivileged_root_from_a_tarball_keeps_owners_modes_and_devices(shared_
 
 
 def test_a_root_that_does_not_fit_says_how_many_mib(tmp_path):
-    from builder.rootfs.stage import run
+    from builder.payload.rootfs.stage import run
     tar = make_tar(tmp_path / "big.tar", [("./", "dir", {}), ("./sbin", "dir", {}),
                                          ("./sbin/init", "file", {"data": b"#!"}),
                                          ("./big", "file", {"data": bytes(40 * MIB)})])
@@ -408,8 +408,8 @@ def test_ext4_module_brings_its_crc32c_softdep(tmp_path):
     """armhf: ext4 is a module and needs crc32c through a softdep (not in depends=)."""
     from tests.kofixtures import make_kernel_tree
     from builder import spec
-    from builder.kernel import inspect_kernel, resolve_drivers
-    from builder.rootfs import root_fstype_modules
+    from builder.payload.kernel import inspect_kernel, resolve_drivers
+    from builder.payload.rootfs import root_fstype_modules
     mods = {
         "kernel/fs/ext4/ext4": [("name", "ext4"), ("depends", "mbcache,jbd2"), ("softdep", "pre: crc32c"),
                                 ("alias", "fs-ext4")],
@@ -431,7 +431,7 @@ def test_ext4_module_brings_its_crc32c_softdep(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="makes device nodes and foreign owners in the source folder")
 def test_root_from_a_folder_keeps_its_ownership(tmp_path):
-    from builder.rootfs.stage import run
+    from builder.payload.rootfs.stage import run
     src = tmp_path / "src"
     for d in ("etc", "usr/sbin", "usr/bin", "dev", "srv/data"):
         (src / d).mkdir(parents=True)
@@ -462,7 +462,7 @@ def test_root_from_a_folder_keeps_its_ownership(tmp_path):
 
 
 def test_a_root_whose_etc_links_to_itself_is_a_clear_error(tmp_path):
-    from builder.rootfs.stage import run
+    from builder.payload.rootfs.stage import run
     tar = make_tar(tmp_path / "loop.tar", [("./", "dir", {}), ("./etc", "sym", {"to": "/etc"}),
                                           ("./sbin", "dir", {}), ("./sbin/init", "file", {})])
     plan = {"source": {"kind": "tar", "path": str(tar)}, "staging": str(tmp_path / "s"), "work": str(tmp_path),

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ArmvmError
-from builder.lock import LockedPackage, lock_to_json, read_lock
-from builder.rootfs.repo import packages_in_tar, parse_status, write_repo
+from builder.inputs.lock import LockedPackage, lock_to_json, read_lock
+from builder.payload.rootfs.repo import packages_in_tar, parse_status, write_repo
 from tests.debrepo import closed_port_url, make_deb
 
 SHA = "ab" * 32

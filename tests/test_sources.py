@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import Cache, default_cache_root
+from builder.inputs.cache import Cache, default_cache_root
 from builder.errors import ArmvmError, SourceError
-from builder.sources import Fetcher
+from builder.inputs.sources import Fetcher
 from tests.debrepo import debrepo, debrepo_files  # noqa: F401
 
 BUSYBOX = "busybox-static"
@@ -178,7 +178,7 @@ def _capture(fn, errors):
 
 
 def test_imports_stay_lazy():
-    code = ("import sys, builder.sources, builder.debian.archive, builder.lock; "
+    code = ("import sys, builder.inputs.sources, builder.inputs.debian.archive, builder.inputs.lock; "
             "print(sorted(m for m in ('requests', 'rich', 'debian', 'sqlite3', 'zstandard') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

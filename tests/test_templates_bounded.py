@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 
-from builder.bootloader import render_grub_cfg
+from builder.payload.bootloader import render_grub_cfg
 from builder.errors import RecipeError
-from builder.initramfs import render_init
-from builder.recipe import load_recipe
+from builder.payload.initramfs import render_init
+from builder.recipe.load import load_recipe
 
 HEADROOM = 1024 * 1024 * 1024          # what this test process may add while a bomb runs
 
@@ -87,7 +87,7 @@ def test_compile_time_folding_is_inside_the_bound(tmp_path, memory_cap):
 
 
 def test_template_time_is_bounded_compile_and_render(tmp_path, monkeypatch):
-    from builder import templating
+    from builder.recipe import templating
     monkeypatch.setattr(templating, "TEMPLATE_SECONDS", 0.5)
     with pytest.raises(RecipeError, match="took longer than 0.5 s"):
         render_init("#!/bin/sh\n{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}"

@@ -9,7 +9,7 @@ import pytest
 
 from builder import spec
 from builder.errors import ArmvmError
-from builder.uki import build_uki, find_systemd_stub
+from builder.payload.uki import build_uki, find_systemd_stub
 from tests.fixtures import debian_tree
 
 SA, FA = 0x1000, 0x200

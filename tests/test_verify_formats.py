@@ -14,10 +14,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import imagegen as g  # noqa: E402
 
-import builder.boot as boot  # noqa: E402
+import builder.run.boot as boot  # noqa: E402
 import builder.verify as verify  # noqa: E402
 from builder.errors import NotAnImageError  # noqa: E402
-from builder.qemu import probe_image  # noqa: E402
+from builder.run.qemu import probe_image  # noqa: E402
 from builder.verify.container import NotRawDiskError  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not g.have_tools("sfdisk", "mkfs.fat", "mcopy", "mmd"),

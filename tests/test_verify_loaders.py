@@ -275,7 +275,7 @@ def test_real_systemd_boot_type1(tmp_path, systemd_boot):
 
 @pytest.mark.network
 def test_real_systemd_boot_type2_with_our_uki(tmp_path, systemd_boot, pytestconfig):
-    from builder.uki import build_uki, find_systemd_stub
+    from builder.payload.uki import build_uki, find_systemd_stub
     tree = debian_tree(pytestconfig, "trixie", "arm64", "systemd-boot-efi")
     (tmp_path / "k").write_bytes(g.make_kernel("aarch64"))
     (tmp_path / "i").write_bytes(g.make_initramfs())
@@ -314,7 +314,7 @@ def test_real_boot_systemd_boot_with_our_uki_in_efi_linux(pytestconfig, tmp_path
                                                           systemd_boot):
     """Our UKI image rearranged with mtools: trixie's systemd-boot at the removable path,
     the UKI as a Type #2 entry. verify passes it, and it boots to the marker."""
-    from builder.boot import boot_image
+    from builder.run.boot import boot_image
     img, off = _build_recipe(pytestconfig, tmp_path, "debian-arm64-fast")
     i = f"{img}@@{off}"
     (tmp_path / "sdboot.efi").write_bytes(systemd_boot)
@@ -336,7 +336,7 @@ def test_real_boot_systemd_boot_with_our_uki_in_efi_linux(pytestconfig, tmp_path
 def test_real_boot_grub_cfg_where_grub_never_looks(pytestconfig, tmp_path):
     """Our GRUB (prefix /EFI/BOOT) with grub.cfg moved to /EFI/debian: verify fails
     boot.chain, and the guest indeed stops at the grub> prompt."""
-    from builder.boot import boot_image
+    from builder.run.boot import boot_image
     img, off = _build_recipe(pytestconfig, tmp_path, "debian-arm64")
     i = f"{img}@@{off}"
     g.run("mmd", "-i", i, "::/EFI/debian")

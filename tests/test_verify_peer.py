@@ -109,9 +109,9 @@ def test_fetch_config_from_the_archive(tmp_path, pytestconfig):
     import os
     if os.environ.get("ARMVM_OFFLINE_TESTS") == "1":
         pytest.skip("ARMVM_OFFLINE_TESTS=1")
-    from builder.cache import Cache
-    from builder.debian.archive import DebianArchive
-    from builder.sources import Fetcher
+    from builder.inputs.cache import Cache
+    from builder.inputs.debian.archive import DebianArchive
+    from builder.inputs.sources import Fetcher
     cache = pytestconfig.cache.mkdir("armvm-debian")
     archive = DebianArchive(Fetcher(cache=Cache(Path(cache)), progress=False), mirror=None,
                             suite="trixie", components=["main"], arch="arm64")

@@ -140,7 +140,7 @@ def test_merge_runtime():
 
 
 def test_devicetree_flag_and_the_readable_table():
-    from builder.bootview import facts_rows
+    from builder.run.bootview import facts_rows
     f = parse_runtime_report(TRANSCRIPT)
     assert f.devicetree is None                      # the transcript has no such line
     rows = dict(facts_rows(f))

@@ -41,7 +41,7 @@ def scenarios(arch: str) -> List[Scenario]:
 def detect_arch(image: Path) -> str:
     """The target architecture from the removable-path loader on the ESP."""
     from builder.errors import NotAnImageError
-    from builder.qemu import probe_image
+    from builder.run.qemu import probe_image
     arch = probe_image(image).arch
     if arch is None:
         raise NotAnImageError(f"{image}: cannot tell the architecture (no BOOTAA64.EFI or BOOTARM.EFI on "
@@ -53,7 +53,7 @@ def check_arch(image: Path, arch: str) -> None:
     """Refuse, before booting, an --arch that the image's loader contradicts."""
     from builder import spec
     from builder.errors import NotAnImageError
-    from builder.qemu import probe_image
+    from builder.run.qemu import probe_image
     found = probe_image(image).arch
     if found is not None and found != arch:
         raise NotAnImageError(f"{image}: its loader is for {found} (\\EFI\\BOOT\\"
@@ -63,7 +63,7 @@ def check_arch(image: Path, arch: str) -> None:
 
 def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, verbose, log_dir,
          log_stem, cancel=None) -> tuple:
-    from builder.boot import boot_image
+    from builder.run.boot import boot_image
     from builder.verify.runtime import parse_runtime_report, runtime_checks
     task = progress.boot(sc.name) if progress is not None else None
     lines = ([task.on_line] if task else []) + ([_echo_err(sc.name)] if verbose else [])
@@ -117,7 +117,7 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
                log_stem: str = "image", concurrent: Optional[bool] = None) -> dict:
     """Boot each scenario; returns {"scenarios": [...], "checks": [Check...], "ok": bool}.
     concurrent None decides by cores and memory (can_run_concurrently)."""
-    from builder.boot import signals_as_interrupt
+    from builder.run.boot import signals_as_interrupt
     scs = scenarios(arch)
     if concurrent is None:
         concurrent = can_run_concurrently(len(scs))

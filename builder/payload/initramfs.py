@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Sequence
 
 from builder import spec
-from builder.cpio import NewcArchive, clean_path, file_mode
+from builder.payload.cpio import NewcArchive, clean_path, file_mode
 from builder.errors import ArmvmError
-from builder.kernel import (ARCH_ELF_MACHINE, ELFMAG, KernelInfo, Module, decompress_module,
+from builder.payload.kernel import (ARCH_ELF_MACHINE, ELFMAG, KernelInfo, Module, decompress_module,
                             module_name_of)
 
 COMPRESSIONS = ("gzip", "zstd", "xz", "none")
@@ -123,9 +123,9 @@ INIT_TEMPLATE_FILTERS = {"shquote": "Quote a value for the POSIX shell.",
 
 
 def render_init(template: str, variables: dict, *, template_file=None) -> str:
-    """Render /init in the bounded sandbox (builder.templating): trim_blocks and
+    """Render /init in the bounded sandbox (builder.recipe.templating): trim_blocks and
     lstrip_blocks on; errors name `template_file` and the line."""
-    from builder import templating
+    from builder.recipe import templating
     tspec = templating.TemplateSpec(
         what="init template", max_bytes=MAX_INIT_BYTES,
         env_options=dict(trim_blocks=True, lstrip_blocks=True),

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import spec
-from .console import GRUB_QUERY, ConsoleWatcher
-from .errors import ArmvmError, NotAnImageError
-from .verify.container import NotRawDiskError
-from .qemu import (arch_of, die_with_parent_hook, find_firmware, find_qemu, kvm_usable,
+from builder import spec
+from builder.console import GRUB_QUERY, ConsoleWatcher
+from builder.errors import ArmvmError, NotAnImageError
+from builder.verify.container import NotRawDiskError
+from builder.run.qemu import (arch_of, die_with_parent_hook, find_firmware, find_qemu, kvm_usable,
                    probe_image, qemu_command, qmp_powerdown)
 
 PANIC_GRACE = 2.0                      # seconds to collect the rest of a panic message

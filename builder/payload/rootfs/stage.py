@@ -1,7 +1,7 @@
 """One session that turns a root source into an ext4 file: extract (or copy) the source into
 a staging folder, apply the hygiene, then mke2fs + debugfs.
 
-Unprivileged, the whole session runs under one `fakeroot` (`python -m builder.rootfs.stage
+Unprivileged, the whole session runs under one `fakeroot` (`python -m builder.payload.rootfs.stage
 PLAN.json`), so the owners and device nodes the extraction recorded are what mke2fs reads;
 as root it runs the same code directly. The plan and the result are plain JSON.
 """
@@ -120,18 +120,18 @@ def scan(root: Path, timestamp: int):
 
 def installed_packages(root: Path) -> list:
     """(name, version, architecture) of every installed package in the root's dpkg status."""
-    from builder.rootfs.hygiene import resolve_in
+    from builder.payload.rootfs.hygiene import resolve_in
     status = resolve_in(root, "var/lib/dpkg/status")
     if not status.is_file():
         return []
-    from builder.rootfs.repo import parse_status
+    from builder.payload.rootfs.repo import parse_status
     return [list(p) for p in parse_status(status.read_text(errors="replace"))]
 
 
 def run(plan: dict) -> dict:
     from builder.disk.ext4 import estimate_bytes, write_ext4
-    from builder.rootfs import hygiene
-    from builder.rootfs.tarball import extract_tar
+    from builder.payload.rootfs import hygiene
+    from builder.payload.rootfs.tarball import extract_tar
     staging = Path(plan["staging"])
     staging.mkdir(mode=0o755)
     src = plan["source"]

@@ -1,7 +1,7 @@
 """How `armvm-build boot` shows a boot to a person: live progress on a terminal (rich), what
 the guest reported as a compact table, and what to look at when it failed.
 
-Printing only; builder.boot does the booting. Progress goes to stderr and only when stderr
+Printing only; builder.run.boot does the booting. Progress goes to stderr and only when stderr
 is a terminal and neither -q nor --json was given; the rest is plain text for stdout.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ class BootProgress:
 
 
 class BootTask:
-    """Callbacks for builder.boot.boot_image(on_event=..., on_line=...)."""
+    """Callbacks for builder.run.boot.boot_image(on_event=..., on_line=...)."""
 
     def __init__(self, owner: BootProgress, label: str):
         self.owner, self.label = owner, label

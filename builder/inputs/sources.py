@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from builder.cache import CHUNK, Cache, check_sha256, sha256_file
+from builder.inputs.cache import CHUNK, Cache, check_sha256, sha256_file
 from builder.errors import ArmvmError, SourceError
 
 USER_AGENT = "armvm-build"

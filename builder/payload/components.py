@@ -13,16 +13,16 @@ from typing import Dict, List, Optional
 
 from builder import spec
 from builder.errors import RecipeError
-from builder.recipe import Recipe, Source
+from builder.recipe.load import Recipe, Source
 
 
 @dataclass
 class Context:
     recipe: Recipe
-    fetcher: object                    # builder.sources.Fetcher
+    fetcher: object                    # builder.inputs.sources.Fetcher
     work: Path                         # scratch folder (removed after the build)
     timestamp: int
-    archive: object = None             # builder.debian.archive.DebianArchive, when debian: is set
+    archive: object = None             # builder.inputs.debian.archive.DebianArchive, when debian: is set
     inputs: List[dict] = field(default_factory=list)   # manifest "inputs"
     stages: Dict[str, float] = field(default_factory=dict)
     index_dir: Optional[Path] = None   # where kernel module indexes are cached
@@ -30,7 +30,7 @@ class Context:
     direct: tuple = (None, None, "")   # (kernel, initrd, cmdline) for output.direct
     progress: object = None            # builder.progress.BuildProgress (live display), or None
     seed: str = ""                     # the seed every GUID/UUID is derived from
-    kinfo: object = None               # builder.kernel.KernelInfo of a packaged kernel
+    kinfo: object = None               # builder.payload.kernel.KernelInfo of a packaged kernel
     root_uuid: Optional[str] = None    # file system UUID of the rootfs (known from the seed)
 
     @contextmanager
@@ -79,7 +79,7 @@ def fetch_source(ctx: Context, src: Source, role: str) -> Path:
         if tree.resolve() not in inner.parents or not inner.is_file():
             raise RecipeError(ctx.recipe.path, f"package {pkg.name} {pkg.version} has no file {src.path!r}",
                               field=f"{role}.path", allowed="a regular file inside the package")
-        from builder.cache import sha256_file
+        from builder.inputs.cache import sha256_file
         digest, size = sha256_file(inner)
         ctx.hashes[inner] = digest
         ctx.record(role, f"debian:{pkg.name}={pkg.version}:{src.path}", digest, size)
@@ -110,7 +110,7 @@ def loader_package(recipe: Recipe) -> Optional[str]:
         return b.source.package
     if b.type == "uki":
         return "systemd-boot-efi"
-    from builder.bootloader import grub_package
+    from builder.payload.bootloader import grub_package
     return grub_package(arch, signed=b.signed)
 
 
@@ -144,7 +144,7 @@ def kernel_cmdline(ctx: Context) -> str:
 
 def prepare_kernel(ctx: Context):
     """-> (kernel image path, KernelInfo or None)."""
-    from builder.kernel import inspect_kernel
+    from builder.payload.kernel import inspect_kernel
     k = ctx.recipe.kernel
     arch = spec.ARCHES[ctx.recipe.arch]
     if k.source.kind == "package":
@@ -170,8 +170,8 @@ def with_virtio_transports(kinfo, drivers) -> tuple:
 
 
 def prepare_initramfs(ctx: Context, kinfo) -> Path:
-    from builder.initramfs import build_initramfs, find_busybox
-    from builder.kernel import resolve_drivers
+    from builder.payload.initramfs import build_initramfs, find_busybox
+    from builder.payload.kernel import resolve_drivers
     spec_i = ctx.recipe.initramfs
     if kinfo is None:
         raise RecipeError(ctx.recipe.path, "building an initramfs needs the kernel as a Debian package "
@@ -182,7 +182,7 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
     drivers = list(spec_i.drivers)
     root_fstype = None
     if ctx.recipe.rootfs is not None:
-        from builder.rootfs import root_fstype_modules
+        from builder.payload.rootfs import root_fstype_modules
         root_fstype = next(p.format for p in ctx.recipe.disk.partitions if p.format)
         drivers += [d for d in root_fstype_modules(kinfo, root_fstype) if d not in drivers]
     modules = resolve_drivers(kinfo, with_virtio_transports(kinfo, drivers))
@@ -207,7 +207,7 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
             raise RecipeError(ctx.recipe.path, "type efi needs the loader's source", field="bootloader",
                               allowed="file, url (+sha256) or package (+path)")
         return fetch_source(ctx, b.source, "bootloader"), None, "efi"
-    from builder import bootloader as bl
+    from builder.payload import bootloader as bl
     if b.type == "grub":
         template = b.config.read_text() if b.config else None
         cfg = bl.render_grub_cfg(cmdline=cmdline, template=template, template_file=b.config)
@@ -219,7 +219,7 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
                                 extra_modules=b.modules)
         return out, cfg, "grub"
     # uki
-    from builder.uki import build_uki, find_systemd_stub
+    from builder.payload.uki import build_uki, find_systemd_stub
     if kernel is None or initrd is None:
         raise RecipeError(ctx.recipe.path, "a UKI needs a kernel and an initramfs", field="bootloader.type",
                           allowed="kernel: and initramfs: sections")

@@ -8,7 +8,7 @@ from pathlib import Path
 from builder.disk.rawio import copy_sparse_into
 
 from builder.errors import ArmvmError
-from builder.layout import Layout
+from builder.disk.layout import Layout
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

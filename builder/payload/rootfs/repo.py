@@ -74,7 +74,7 @@ def write_repo(repo: Path, debs: Iterable[tuple], suite: str, arch: str) -> None
 
     The control file of each .deb must name the pinned package and version: a vendor file
     with the right hash cannot be anything else, but the check costs nothing."""
-    from builder.debian.deb import read_control
+    from builder.inputs.debian.deb import read_control
     repo.mkdir(mode=0o755)
     os.chmod(repo, 0o755)                    # mmdebstrap's unshare mode reads it as another user
     stanzas = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from builder.cache import STAMP, TMP_STALE_SECONDS, TREES, _rmtree
+from builder.inputs.cache import STAMP, TMP_STALE_SECONDS, TREES, _rmtree
 
 _DERIVED_RE = re.compile(r"^(?:deb|debidx1)-([0-9a-f]{64})$")
 

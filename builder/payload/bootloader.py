@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import spec
-from .errors import ArmvmError, MissingToolError
+from builder import spec
+from builder.errors import ArmvmError, MissingToolError
 
 # What our grub.cfg needs: GPT + FAT to read the ESP, normal mode to run grub.cfg,
 # linux (pulls in boot and fdt) to load the kernel and initramfs, configfile/echo for
@@ -187,7 +187,7 @@ def render_grub_cfg(*, kernel_path: str = spec.ESP_KERNEL_PATH,
     """Render grub.cfg (default: templates/grub.cfg.j2) in a bounded Jinja2 sandbox.
 
     Template variables: GRUB_TEMPLATE_VARS; filter grub_quote. Rendering is bounded in
-    memory and time (builder.templating); any template error is a RecipeError naming
+    memory and time (builder.recipe.templating); any template error is a RecipeError naming
     `template_file` and the line.
     """
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in cmdline):
@@ -206,7 +206,7 @@ def render_grub_cfg(*, kernel_path: str = spec.ESP_KERNEL_PATH,
     kernel = "/" + _check_esp_path("kernel path", kernel_path)
     initrd = "/" + _check_esp_path("initrd path", initrd_path) if initrd_path else ""
     source = template if template is not None else GRUB_TEMPLATE.read_text(encoding="utf-8")
-    from builder import templating
+    from builder.recipe import templating
     tspec = templating.TemplateSpec(what="grub.cfg template", max_bytes=MAX_GRUB_CFG_BYTES,
                                     filters={"grub_quote": grub_quote},
                                     allowed_names=sorted(GRUB_TEMPLATE_VARS),

@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import spec
-from .errors import ArmvmError
+from builder import spec
+from builder.errors import ArmvmError
 
 # PE/COFF section flags (Microsoft PE format, "Section Flags")
 IMAGE_SCN_CNT_CODE = 0x00000020

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from builder.errors import ArmvmError, RecipeError
-from builder import recipe_validate as rv
+from builder.recipe import validate as rv
 
 ENV_VAR_PREFIX = "ARMVM_VAR_"
 

@@ -6,7 +6,7 @@ Debian's archive keeps only current versions, so a lock alone cannot refetch an 
 package: keep the files too (``export_vendor``) or name a ``snapshot_mirror``.
 ``packages`` pins the image's own packages (kernel, busybox, loader...); ``rootfs`` pins
 every package installed in a Debian root file system (what mmdebstrap installed), from
-which a locked build makes the root again (builder.rootfs).
+which a locked build makes the root again (builder.payload.rootfs).
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder.cache import Cache, check_sha256
+from builder.inputs.cache import Cache, check_sha256
 from builder.errors import ArmvmError
 
 if TYPE_CHECKING:
-    from builder.sources import Fetcher
+    from builder.inputs.sources import Fetcher
 
 LOCK_FORMAT = 1
 MAX_LOCK_BYTES = 16 * 1024 * 1024
@@ -169,7 +169,7 @@ def export_vendor(lock: Lock, cache: Cache, fetcher: "Fetcher", dest_dir) -> lis
     Files come from the cache (re-verified), else through ``fetcher`` (vendor dirs, then
     the lock's mirror and snapshot mirror). Returns the written paths, sorted.
     """
-    from builder.debian.archive import locked_urls
+    from builder.inputs.debian.archive import locked_urls
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     written = set()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import spec
-from .errors import ArmvmError, MissingToolError, NotAnImageError
+from builder import spec
+from builder.errors import ArmvmError, MissingToolError, NotAnImageError
 
 GIC_VERSIONS = (2, 3)
 MMIO_BLK_BYTES = 1024 * 1024          # the blank virtio-mmio disk of extra_virtio

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from builder.cache import check_sha256, sha256_file
-from builder.debian.deb import extract_deb
-from builder.debian.index import INDEX_FORMAT, Index, IndexStream, build_index
-from builder.debian.mirror import find_mirror
+from builder.inputs.cache import check_sha256, sha256_file
+from builder.inputs.debian.deb import extract_deb
+from builder.inputs.debian.index import INDEX_FORMAT, Index, IndexStream, build_index
+from builder.inputs.debian.mirror import find_mirror
 from builder.errors import ArmvmError, MissingToolError, SourceError
-from builder.lock import Lock, LockedPackage, check_archive_filename
-from builder.sources import Artifact, Fetcher
+from builder.inputs.lock import Lock, LockedPackage, check_archive_filename
+from builder.inputs.sources import Artifact, Fetcher
 
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 MAX_INRELEASE = 32 * 1024 * 1024

@@ -9,7 +9,7 @@ import re
 from typing import Any, Mapping, Optional, Tuple
 
 from builder.errors import RecipeError
-from builder.recipe_schema import SCHEMA, MAX_DISK_BYTES
+from builder.recipe.schema import SCHEMA, MAX_DISK_BYTES
 
 MAX_RECIPE_BYTES = 1024 * 1024           # recipe text, before and after rendering
 MAX_YAML_NODES = 200_000                 # bounds alias expansion ("billion laughs")
@@ -127,13 +127,13 @@ class _Substitute:
 
 
 def render(text: str, variables: Mapping[str, Any], file):
-    """Render the recipe text with Jinja2 in the bounded sandbox (builder.templating);
+    """Render the recipe text with Jinja2 in the bounded sandbox (builder.recipe.templating);
     undefined variables are errors. Returns (text, names the template reads, substitute)
     where substitute puts the values held back by ScalarSlots into parsed scalars.
     Text without template syntax is returned as is (and Jinja2 is not even imported)."""
     if "{{" not in text and "{%" not in text and "{#" not in text:
         return text, frozenset(), _Substitute("", {})
-    from builder import templating
+    from builder.recipe import templating
     slots = ScalarSlots()
     spec = templating.TemplateSpec(
         what="recipe template", max_bytes=MAX_RECIPE_BYTES,

@@ -27,7 +27,7 @@ FORMAT_VERSION = 4                     # bump when staging/hygiene changes the b
 def root_fstype_modules(kinfo, fstype: str = "ext4") -> list:
     """Modules the initramfs must load to mount the root: the file system's module and its
     `softdep pre:` modules (ext4 needs crc32c, which is a softdep, not in depends=)."""
-    from builder.kernel import decompress_module, elf_section, norm, parse_modinfo
+    from builder.payload.kernel import decompress_module, elf_section, norm, parse_modinfo
     name = norm(fstype)
     if name in kinfo.builtin or name not in kinfo.modules:
         return []
@@ -50,7 +50,7 @@ def root_fstype_modules(kinfo, fstype: str = "ext4") -> list:
 def _by_alias(kinfo, wanted: str) -> Optional[str]:
     """A module name for a softdep (a module name or an alias such as crc32c); built-ins need
     nothing; among several modules with the alias the generic one is taken."""
-    from builder.kernel import norm
+    from builder.payload.kernel import norm
     name = norm(wanted)
     if name in kinfo.builtin:
         return None
@@ -75,9 +75,9 @@ def _status(enabled: bool, text: str):
 def prepare_root(ctx, layout):
     """Build (or take from the cache) the root partition's file system; returns the layout
     with that partition's `content` and manifest facts filled in."""
-    from builder.cache import Cache
+    from builder.inputs.cache import Cache
     from builder.disk.ext4 import tool_version
-    from builder.layout import root_fs_ids, root_partition_number
+    from builder.disk.layout import root_fs_ids, root_partition_number
     recipe, r = ctx.recipe, ctx.recipe.rootfs
     number = root_partition_number(recipe)
     part = layout.partitions[number - 1]
@@ -93,7 +93,7 @@ def prepare_root(ctx, layout):
             tar, identity, info = _debian_root(ctx, cache, progress)
         elif r.kind == "tar":
             art = ctx.fetcher.local(r.path)
-            from builder.rootfs.tarball import check_tar
+            from builder.payload.rootfs.tarball import check_tar
             summary = check_tar(art.path, can_mknod=_can_mknod())
             from builder.disk.ext4 import estimate_bytes
             need = estimate_bytes(summary.data_blocks, summary.members, size)
@@ -156,7 +156,7 @@ def _can_mknod() -> bool:
 
 
 def _run_stage(plan: dict, progress: bool) -> dict:
-    from builder.rootfs import stage
+    from builder.payload.rootfs import stage
     staging = Path(plan["staging"])
     try:
         if os.geteuid() == 0:
@@ -170,7 +170,7 @@ def _run_stage(plan: dict, progress: bool) -> dict:
         plan_file = Path(plan["work"]) / "root-plan.json"
         plan_file.write_text(json.dumps(plan))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        proc = subprocess.run(["fakeroot", "--", sys.executable, "-m", "builder.rootfs.stage", str(plan_file)],
+        proc = subprocess.run(["fakeroot", "--", sys.executable, "-m", "builder.payload.rootfs.stage", str(plan_file)],
                               env=env, capture_output=True, text=True)
         res_file = Path(plan["result"])
         result = json.loads(res_file.read_text()) if res_file.is_file() else None
@@ -218,7 +218,7 @@ def _facts(recipe, tree: Path, **more) -> dict:
 
 
 def _installed(tree: Path) -> list:
-    from builder.rootfs.repo import packages_in_tar
+    from builder.payload.rootfs.repo import packages_in_tar
     listed = tree / "packages.json"
     if listed.is_file():
         return [tuple(p) for p in json.loads(listed.read_text())]
@@ -232,7 +232,7 @@ def discover_root(recipe, archive, cache, timestamp: int, progress: bool, stage,
     archive's verified Packages index (None unless `need_pins`: only a lock needs them). When
     a lock is to be written and the cached root holds versions the archive no longer offers,
     the root is built again from the archive as it is now."""
-    from builder.rootfs import mmdebstrap as mm
+    from builder.payload.rootfs import mmdebstrap as mm
     r = recipe.rootfs
     arch = spec.ARCHES[recipe.arch].debian_arch
     with stage("resolve"):
@@ -264,7 +264,7 @@ def discover_root(recipe, archive, cache, timestamp: int, progress: bool, stage,
                               packages=r.packages, timestamp=timestamp,
                               keyring=archive.keyring if archive.keyring.is_file() else None,
                               progress=say, log=dest / "mmdebstrap.log")
-        from builder.rootfs.repo import packages_in_tar
+        from builder.payload.rootfs.repo import packages_in_tar
         (dest / "packages.json").write_text(json.dumps(packages_in_tar(dest / "root.tar")))
 
     for attempt in range(2):
@@ -303,7 +303,7 @@ HOOK_DIR = Path("/usr/share/mmdebstrap/hooks/file-mirror-automount")
 def _fetch_pinned(archive, pkg):
     """The verified .deb of a pinned root package; a vendor file of that name whose sha256
     is not the pinned one is named as such (not just as missing)."""
-    from builder.cache import sha256_file
+    from builder.inputs.cache import sha256_file
     try:
         return archive.fetch(pkg, verify=True)
     except ArmvmError as exc:
@@ -325,10 +325,10 @@ def _pinned_root(ctx, archive, cache, progress: bool):
     fetched (or taken from the cache / a vendor folder) and checked against its pinned sha256,
     put into a local flat repository with a Packages index written here, and mmdebstrap run
     against that folder alone, installing every pinned package by name."""
-    from builder.debian.archive import DebPackage
-    from builder.debian.mirror import normalize_mirror
-    from builder.rootfs import mmdebstrap as mm
-    from builder.rootfs.repo import packages_in_tar, write_repo
+    from builder.inputs.debian.archive import DebPackage
+    from builder.inputs.debian.mirror import normalize_mirror
+    from builder.payload.rootfs import mmdebstrap as mm
+    from builder.payload.rootfs.repo import packages_in_tar, write_repo
     recipe, r, lock = ctx.recipe, ctx.recipe.rootfs, archive.lock
     arch = spec.ARCHES[recipe.arch].debian_arch
     where = f"lock file {lock.path or '(lock)'}"

@@ -1,0 +1,1 @@
+"""What the recipe names, fetched and pinned: cache, sources, debian archive, lock."""

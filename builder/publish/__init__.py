@@ -1,0 +1,1 @@
+"""Staging, rename, manifest, bmap and the other outputs."""

@@ -1,0 +1,1 @@
+"""Schema (the one table), load (render + parse), validate, templating, docs."""

@@ -1,0 +1,1 @@
+"""Running images: QEMU, the boot runner, the runtime checks matrix."""
