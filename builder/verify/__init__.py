@@ -126,6 +126,7 @@ def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE,
         except Exception:       # a verifier bug here must not hide the report
             if _RAISE_INTERNAL:
                 raise
+    ids = STATIC_IDS + (checks_sb.SB_IDS if "sb.signed" in ctx.results else ())
     checks = tuple(make_check(cid, profile, *ctx.results.get(cid, ("skip", "not evaluated")))
-                   for cid in STATIC_IDS)
+                   for cid in ids)
     return Report(name, ctx.arch, profile, checks, release)

@@ -164,7 +164,9 @@ _DEFS = [
              "to drivers over virtio-pci and virtio-mmio", "{spec}, {images}"),
 ]
 CHECKS = {d.id: d for d in _DEFS}
-STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith("rt."))
+STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith(("rt.", "sb.")))
+# Secure Boot: reported when the loader is signed or verify is asked (--secure-boot)
+SB_IDS = tuple(d.id for d in _DEFS if d.id.startswith("sb."))
 RUNTIME_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt."))
 
 

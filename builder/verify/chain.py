@@ -5,7 +5,8 @@ One with ``.sdmagic`` is systemd-boot: its default entry (loader.conf, /loader/e
 /EFI/Linux) is judged. Else GRUB: grub.cfg is read where the binary reads it (beside its
 image, then ``$prefix/grub.cfg`` with the prefix, embedded config or memdisk taken from the
 image's ``mods`` section) and every kernel/initrd it names must exist. A loader that is
-itself an EFI-stub kernel needs nothing else.
+itself an EFI-stub kernel needs nothing else. A loader with ``.vendor_cert`` is shim: it
+starts grub<arch>.efi from its own directory, which is then judged as above.
 """
 from __future__ import annotations
 
