@@ -266,6 +266,28 @@ def test_own_key_uki_with_db(tmp_path, keys, uki):
     assert p.returncode == 1 and re.search(r"SKIP\s+MUST\s+sb\.chain", p.stdout)
 
 
+SNAKEOIL = Path("/usr/share/qemu-efi-aarch64")
+
+
+def test_snakeoil_uki_with_the_snakeoil_vars_file(tmp_path, keys, uki):
+    """A UKI signed with Debian's snakeoil test key (password in qemu-efi-aarch64's
+    README.Debian) passes with AAVMF_VARS.snakeoil.fd and fails with AAVMF_VARS.ms.fd."""
+    vars_snake = Path("/usr/share/AAVMF/AAVMF_VARS.snakeoil.fd")
+    if not (SNAKEOIL / "PkKek-1-snakeoil.key").is_file() or not vars_snake.is_file() or \
+            not HOST_MS_VARS.is_file():
+        pytest.skip("qemu-efi-aarch64 without the snakeoil key or VARS files")
+    g.run("openssl", "rsa", "-in", SNAKEOIL / "PkKek-1-snakeoil.key", "-passin",
+          "pass:snakeoil", "-out", keys / "snakeoil.key")
+    shutil.copy(SNAKEOIL / "PkKek-1-snakeoil.pem", keys / "snakeoil.crt")
+    img = uki_image(tmp_path, sign(keys, uki, "snakeoil"))
+    rc, r = results(img, "--vars", vars_snake)
+    assert rc == 0 and r["sb.chain"]["result"] == "pass", r["sb.chain"]
+    assert "SnakeOil" in r["sb.chain"]["detail"] and "(db)" in r["sb.chain"]["detail"]
+    rc, r = results(img, "--vars", HOST_MS_VARS)
+    assert rc == 1 and r["sb.chain"]["result"] == "fail"
+    assert "Microsoft Corporation UEFI CA 2011 (db)" in r["sb.chain"]["detail"]
+
+
 def test_unsigned_loader_only_judged_when_asked(tmp_path, uki):
     img = uki_image(tmp_path, uki)
     rc, r = results(img)
