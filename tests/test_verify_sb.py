@@ -288,6 +288,50 @@ def test_snakeoil_uki_with_the_snakeoil_vars_file(tmp_path, keys, uki):
     assert "Microsoft Corporation UEFI CA 2011 (db)" in r["sb.chain"]["detail"]
 
 
+def test_vars_made_by_virt_fw_vars_db_and_dbx(tmp_path, keys, uki):
+    """--vars: a VARS file with our cert enrolled (virt-fw-vars, as `armvm-build keys` makes
+    them) trusts the UKI; the same with its digest in dbx refuses it."""
+    if not HOST_MS_VARS.is_file():
+        pytest.skip("qemu-efi-aarch64 has no AAVMF_VARS.ms.fd")
+    fwv = Path(sys.executable).parent / "virt-fw-vars"
+    owner = "a0baa8a3-041d-48a8-bc87-c36d121b5e3d"
+    signed = sign(keys, uki)
+    img = uki_image(tmp_path, signed)
+    # bookworm's blank AAVMF_VARS.fd has no variable store header: start from the MS one
+    # with its keys deleted
+    enroll = [fwv, "-i", HOST_MS_VARS, "-d", "db", "-d", "dbx", "-d", "KEK", "-d", "PK",
+              "--set-pk", owner, keys / "db.crt", "--add-kek", owner, keys / "db.crt",
+              "--add-db", owner, keys / "db.crt", "--sb"]
+    g.run(*enroll, "-o", tmp_path / "own.fd")
+    rc, r = results(img, "--vars", tmp_path / "own.fd")
+    assert rc == 0 and r["sb.chain"]["result"] == "pass", r["sb.chain"]
+    assert "armvm db key -> armvm db key (db)" in r["sb.chain"]["detail"]
+    assert "Microsoft" not in r["sb.chain"]["detail"]
+    b = BytesBlob(signed)
+    digest = ac.image_digest(b, ac.read_pe_auth(b)).hex()
+    g.run(*enroll, "--add-dbx-hash", owner, digest, "-o", tmp_path / "dbx.fd")
+    rc, r = results(img, "--vars", tmp_path / "dbx.fd")
+    assert rc == 1 and r["sb.chain"]["result"] == "fail"
+    assert "in dbx (revoked)" in r["sb.chain"]["detail"]
+
+
+def test_overlapping_sections_are_not_hashed_over_and_over(keys, uki):
+    """A section table covering the file many times is refused before hashing (bounded)."""
+    signed = bytearray(sign(keys, uki))
+    b = BytesBlob(bytes(signed))
+    info = ac.read_pe_auth(b)
+    lfanew = struct.unpack_from("<I", signed, 0x3C)[0]
+    nsec, opt = struct.unpack_from("<H", signed, lfanew + 6)[0], \
+        struct.unpack_from("<H", signed, lfanew + 20)[0]
+    table = lfanew + 24 + opt
+    for i in range(nsec):
+        struct.pack_into("<II", signed, table + 40 * i + 16, len(signed), 0)
+    b = BytesBlob(bytes(signed))
+    with pytest.raises(ValueError, match="overlapping sections"):
+        ac.image_digest(b, ac.read_pe_auth(b))
+    assert info.sections and ac.image_digest(BytesBlob(sign(keys, uki)), info)
+
+
 def test_unsigned_loader_only_judged_when_asked(tmp_path, uki):
     img = uki_image(tmp_path, uki)
     rc, r = results(img)

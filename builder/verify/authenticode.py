@@ -35,6 +35,8 @@ MAX_CERT_TABLE = 1 << 20                 # real tables are a few KiB (shim: two 
 MAX_CERTS = 16
 MAX_SECTIONS = 96                        # the PE/COFF limit
 MAX_CHAIN = 8
+MAX_SIG_CERTS = 64                       # certificates read from one SignedData
+MAX_HASH_FACTOR = 4                      # overlapping sections: hash at most 4x the file
 SPC_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"
 HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha384": hashlib.sha384,
           "sha512": hashlib.sha512}
@@ -174,7 +176,12 @@ def read_cert_table(blob: Blob, info: PeAuth) -> CertTable:
 def image_digest(blob: Blob, info: PeAuth, algorithm: str = "sha256") -> bytes:
     """The Authenticode image hash as UEFI firmware computes it: the headers without the
     CheckSum field and the Certificate Table entry, every section's raw data in file order,
-    then whatever follows up to the Certificate Table (or the end of the file)."""
+    then whatever follows up to the Certificate Table (or the end of the file). ValueError
+    when overlapping sections would make that more than MAX_HASH_FACTOR times the file."""
+    total = sum(min(size, max(0, info.size - ptr)) for ptr, size in info.sections)
+    if total > MAX_HASH_FACTOR * info.size:
+        raise ValueError(f"the section table covers {total} bytes of a {info.size}-byte file "
+                         "(overlapping sections); not hashed")
     h = HASHES[algorithm]()
     soh = min(info.size_of_headers, info.size)
     for a, b in ((0, info.checksum_off), (info.checksum_off + 4, info.certdir_off),
@@ -259,7 +266,7 @@ def parse_signature(data: bytes) -> Signature:
         digest = di["digest"].native
         signers = list(sd["signer_infos"])
         certs = []
-        for c in sd["certificates"] or []:
+        for c in list(sd["certificates"] or [])[:MAX_SIG_CERTS]:
             if c.name == "certificate":
                 try:
                     certs.append(load_cert(c.chosen.dump(force=True)))

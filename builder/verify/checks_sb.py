@@ -29,6 +29,7 @@ MS_UEFI_CAS = ("microsoft-uefi-ca-2011.pem", "microsoft-uefi-ca-2023.pem")
 MAX_CERT_FILE = 1 << 20
 MAX_VARS_FILE = 64 << 20                # AAVMF VARS files are 64 MiB at most (trixie pads)
 MAX_SBAT = 64 << 10
+MAX_IMAGE = 1 << 30                     # larger "loaders" and "kernels" are not hashed
 EFI_CERT_SHA256 = "c1c41626-504c-4092-aca9-41f936934328"
 
 
@@ -230,9 +231,16 @@ def _digest(ctx, links) -> None:
             none.append(ln.path)
             continue
         algs = {s.digest_algorithm for s in sigs if s.digest_algorithm in ac.HASHES}
-        digests = {a: ac.image_digest(ln.blob, ln.info, a) for a in sorted(algs)}
-        ln.digest = digests.get("sha256") or (ac.image_digest(ln.blob, ln.info) if ln.info
-                                              else None)
+        if ln.blob.size > MAX_IMAGE:
+            bad.append(f"{ln.path}: {ln.blob.size} bytes; larger than {MAX_IMAGE} is not "
+                       "hashed")
+            continue
+        try:
+            digests = {a: ac.image_digest(ln.blob, ln.info, a) for a in sorted(algs)}
+        except ValueError as e:
+            bad.append(f"{ln.path}: {e}")
+            continue
+        ln.digest = digests.get("sha256")
         match = [s for s in sigs if digests.get(s.digest_algorithm) == s.digest]
         if match:
             ok.append(f"{ln.path} {match[0].digest_algorithm} {match[0].digest.hex()[:16]}…")
@@ -251,15 +259,26 @@ def _digest(ctx, links) -> None:
         ctx.set("sb.digest", "skip", "no readable signature to compare (see sb.signed)")
 
 
+def _sha256(ln: Link) -> Optional[bytes]:
+    """The link's Authenticode SHA-256 (for db/dbx hash entries), None when not computable."""
+    if ln.digest is None and ln.info is not None and ln.blob.size <= MAX_IMAGE:
+        try:
+            ln.digest = ac.image_digest(ln.blob, ln.info)
+        except ValueError:
+            pass
+    return ln.digest
+
+
 def _chain(ctx, links, trust: Trust, shim: bool) -> None:
     bad, ok, unjudged = [], [], []
     for ln in links:
         sigs = _good_sigs(ln)
-        if ln.digest is not None and ln.digest in trust.dbx:
+        digest = _sha256(ln) if trust.dbx or trust.hashes else ln.digest
+        if digest is not None and digest in trust.dbx:
             bad.append(f"{ln.path}: its digest is in dbx (revoked)")
             continue
         if not sigs:
-            if ln.digest is not None and ln.digest in trust.hashes:
+            if digest is not None and digest in trust.hashes:
                 ok.append(f"{ln.path}: digest enrolled in db")
             else:
                 bad.append(f"{ln.path}: unsigned (see sb.signed)")
