@@ -132,6 +132,7 @@ def vendor_cert(debian) -> object:
     return ac.vendor_certs(raw)
 
 
+@pytest.mark.network
 def test_debian_shim_chain_passes(tmp_path, debian):
     img = shim_image(tmp_path, debian)
     rc, r = results(img)
@@ -149,6 +150,7 @@ def test_debian_shim_chain_passes(tmp_path, debian):
     assert r["sb.signed"]["detail"].count("signature") >= 3
 
 
+@pytest.mark.network
 def test_debian_chain_judged_by_sbverify_too(tmp_path, debian):
     """sbverify agrees: GRUB and the kernel chain to the cert in shim's .vendor_cert."""
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -158,6 +160,7 @@ def test_debian_chain_judged_by_sbverify_too(tmp_path, debian):
     assert sbverify(tmp_path, debian["kernel"], pem)
 
 
+@pytest.mark.network
 def test_debian_shim_with_the_ms_vars_file(tmp_path, debian):
     """--vars: the db of Debian's AAVMF_VARS.ms.fd (Microsoft UEFI CA 2011) judges shim."""
     if not HOST_MS_VARS.is_file():
@@ -170,6 +173,7 @@ def test_debian_shim_with_the_ms_vars_file(tmp_path, debian):
     assert f"--vars {HOST_MS_VARS}" in r["sb.chain"]["detail"]
 
 
+@pytest.mark.network
 def test_flipped_kernel_byte_fails_sb_digest(tmp_path, debian):
     k = bytearray(debian["kernel"])
     k[len(k) // 2] ^= 0x01
@@ -187,6 +191,7 @@ def test_flipped_kernel_byte_fails_sb_digest(tmp_path, debian):
     assert not sbverify(tmp_path, bytes(k), pem)       # sbverify refuses it too
 
 
+@pytest.mark.network
 def test_unsigned_grub_fails_sb_signed(tmp_path, debian):
     grub = unsign(tmp_path, debian["grub"])
     img = shim_image(tmp_path, debian, **{"EFI/BOOT/grubaa64.efi": grub})
@@ -198,6 +203,7 @@ def test_unsigned_grub_fails_sb_signed(tmp_path, debian):
     assert r["sb.chain"]["result"] == "fail"
 
 
+@pytest.mark.network
 def test_kernel_signed_with_the_wrong_key_fails_sb_chain(tmp_path, debian, keys):
     k = sign(keys, unsign(tmp_path, debian["kernel"]), "wrong")
     assert sbverify(tmp_path, k, keys / "wrong.crt")  # a good signature, by the wrong key
@@ -211,6 +217,7 @@ def test_kernel_signed_with_the_wrong_key_fails_sb_chain(tmp_path, debian, keys)
     assert "Debian Secure Boot CA (shim's .vendor_cert)" in d
 
 
+@pytest.mark.network
 def test_grub_below_shims_sbatlevel_warns(tmp_path, debian, keys):
     grub = bytearray(unsign(tmp_path, debian["grub"]))
     b = BytesBlob(bytes(grub))
@@ -224,6 +231,7 @@ def test_grub_below_shims_sbatlevel_warns(tmp_path, debian, keys):
     assert "grub 3 < 5" in r["sb.sbat"]["detail"]
 
 
+@pytest.mark.network
 def test_shim_without_its_grub(tmp_path, debian):
     img = shim_image(tmp_path, debian, **{"EFI/BOOT/grubaa64.efi": None})
     rc, r = results(img)
@@ -441,6 +449,7 @@ def test_builtin_microsoft_cas_match_virt_firmware():
     assert ours == theirs and len(ours) == 2
 
 
+@pytest.mark.network
 def test_shim_signatures_are_ber_and_both_verify(debian):
     """Microsoft's two signatures on shim (UEFI CA 2011 and 2023) parse and verify."""
     b = BytesBlob(debian["shim"])
