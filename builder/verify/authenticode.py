@@ -56,6 +56,7 @@ class PeAuth:
     cert_size: int
     sections: list                       # (PointerToRawData, SizeOfRawData)
     size: int
+    has_certdir: bool = True             # NumberOfRvaAndSizes > 4
 
 
 @dataclass
@@ -109,7 +110,7 @@ def read_pe_auth(blob: Blob) -> PeAuth:
     nrva = struct.unpack_from("<I", opt, OPT_NUMBER_OF_RVA_AND_SIZES[magic])[0]
     certdir = ddir + 8 * IMAGE_DIRECTORY_ENTRY_SECURITY
     cert_off, cert_size = struct.unpack_from("<II", opt, certdir)
-    if nrva <= IMAGE_DIRECTORY_ENTRY_SECURITY:
+    if nrva <= IMAGE_DIRECTORY_ENTRY_SECURITY:   # no such directory: nothing to skip there
         cert_off = cert_size = 0
     soh = struct.unpack_from("<I", opt, OPT_SIZE_OF_HEADERS)[0]
     if nsec > MAX_SECTIONS:
@@ -124,7 +125,7 @@ def read_pe_auth(blob: Blob) -> PeAuth:
         if size:
             secs.append((ptr, size))
     return PeAuth(magic, opt_off + OPT_CHECKSUM, opt_off + certdir, soh, cert_off, cert_size,
-                  sorted(secs), blob.size)
+                  sorted(secs), blob.size, nrva > IMAGE_DIRECTORY_ENTRY_SECURITY)
 
 
 def read_cert_table(blob: Blob, info: PeAuth) -> CertTable:
@@ -184,8 +185,10 @@ def image_digest(blob: Blob, info: PeAuth, algorithm: str = "sha256") -> bytes:
                          "(overlapping sections); not hashed")
     h = HASHES[algorithm]()
     soh = min(info.size_of_headers, info.size)
-    for a, b in ((0, info.checksum_off), (info.checksum_off + 4, info.certdir_off),
-                 (info.certdir_off + 8, soh)):
+    ranges = ((0, info.checksum_off), (info.checksum_off + 4, info.certdir_off),
+              (info.certdir_off + 8, soh)) if info.has_certdir else \
+        ((0, info.checksum_off), (info.checksum_off + 4, soh))
+    for a, b in ranges:
         for chunk in blob.chunks(a, max(a, b)):
             h.update(chunk)
     hashed = soh
