@@ -193,6 +193,12 @@ def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or ano
            fetch_config: bool = typer.Option(False, "--fetch-config", help="Network, opt-in: when the "
                                              "os.* checks lack a kernel config, fetch the booted kernel's Debian "
                                              "package (linux-image-<release>) and use its /boot/config-<release>."),
+           secure_boot: bool = typer.Option(False, "--secure-boot", help="Require Secure Boot signatures "
+                                            "(sb.* checks; they run anyway when the loader is signed)."),
+           db: List[Path] = typer.Option([], "--db", help="A trusted db certificate (PEM or DER; repeatable); "
+                                         "implies --secure-boot."),
+           vars_file: Optional[Path] = typer.Option(None, "--vars", help="A UEFI VARS file (e.g. "
+                                                    "AAVMF_VARS.ms.fd) whose db is trusted; implies --secure-boot."),
            as_json: bool = typer.Option(False, "--json", help="JSON report on stdout.")):
     """Check an image against every static requirement of the ARM VM System Specification."""
     if arch not in ("auto", "aarch64", "armv7"):
@@ -201,10 +207,11 @@ def verify(image: Path = typer.Argument(..., help="A raw disk image (ours or ano
         raise typer.BadParameter("use vmspec-2.0, vmspec-1.0 or rfc-v2", param_hint="--profile")
     from builder.verify import verify_image
     try:
-        report = verify_image(image, arch=arch, profile=profile, kernel_config=kernel_config)
+        sb = dict(secure_boot=secure_boot, db=db, vars_file=vars_file)
+        report = verify_image(image, arch=arch, profile=profile, kernel_config=kernel_config, **sb)
         if fetch_config and kernel_config is None and _needs_config(report):
             cfg = _fetch_kernel_config(report, quiet=as_json)
-            report = verify_image(image, arch=arch, profile=profile, kernel_config=cfg)
+            report = verify_image(image, arch=arch, profile=profile, kernel_config=cfg, **sb)
     except ArmvmError as err:
         _fail(err, as_json)
     typer.echo(json.dumps(report.to_json(), indent=2) if as_json else report.format_table())

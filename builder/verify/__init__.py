@@ -14,7 +14,7 @@ import stat
 
 from builder import spec
 from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
-from builder.verify import checks_image, checks_os, checks_root
+from builder.verify import checks_image, checks_os, checks_root, checks_sb
 from builder.verify.blob import FileBlob
 from builder.verify.modinfo import parse_config
 from builder.verify.container import NotRawDiskError, check_raw
@@ -90,13 +90,17 @@ def read_kernel_config(path) -> tuple:
 
 
 def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE,
-                 kernel_config=None) -> Report:
+                 kernel_config=None, secure_boot: bool = False, db=(),
+                 vars_file=None) -> Report:
     """Run every static check on the image at ``path``.
 
     Raises NotAnImageError (exit 3) when ``path`` is not a readable disk image at all
     (NotRawDiskError when it is a qcow2/VMDK/VHD/VHDX/VDI container or compressed), and
     ArmvmError (exit 2) for an unknown ``arch`` or ``profile``. ``kernel_config``: a kernel
     .config file that judges the os.* checks when the initramfs has no copy of its own.
+    ``secure_boot``: require signatures (sb.*; they run anyway when the loader is signed);
+    ``db``: trusted certificate files, ``vars_file``: a UEFI VARS file whose db is trusted
+    (either implies ``secure_boot``; default trust: Microsoft's UEFI CAs, for shim).
     """
     check_profile(profile)
     if arch not in ARCH_CHOICES:
@@ -104,6 +108,8 @@ def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE,
                          f"{', '.join(ARCH_CHOICES)})", exit_code=EXIT_USAGE)
     name = os.fspath(path)
     given = read_kernel_config(kernel_config) if kernel_config is not None else None
+    trust = checks_sb.load_trust(db, vars_file)
+    secure_boot = secure_boot or trust.given
     f, size = _open_image(name)
     with f:
         blob = FileBlob(f, 0, None, size)
@@ -113,12 +119,14 @@ def verify_image(path, *, arch: str = "auto", profile: str = DEFAULT_PROFILE,
         checks_image.run(ctx, arch, _guard)
         _guard(ctx, checks_os.OS_IDS, lambda: checks_os.run(ctx))
         checks_root.run(ctx, _guard)
+        _guard(ctx, checks_sb.SB_IDS, lambda: checks_sb.run(ctx, trust, secure_boot))
         release = None
         try:
             release = checks_root.kernel_version(ctx)[0]
         except Exception:       # a verifier bug here must not hide the report
             if _RAISE_INTERNAL:
                 raise
+    ids = STATIC_IDS + (checks_sb.SB_IDS if "sb.signed" in ctx.results else ())
     checks = tuple(make_check(cid, profile, *ctx.results.get(cid, ("skip", "not evaluated")))
-                   for cid in STATIC_IDS)
+                   for cid in ids)
     return Report(name, ctx.arch, profile, checks, release)

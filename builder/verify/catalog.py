@@ -128,6 +128,22 @@ _DEFS = [
     CheckDef("root.init", "MUST", "When a root partition exists: it has /sbin/init and "
              "lib/modules/<kernel version>", "{spec}, {images}; Linux "
              "Documentation/admin-guide/kernel-parameters.txt (init=)"),
+    # Secure Boot: when the loader carries a signature, or with verify --secure-boot.
+    CheckDef("sb.signed", "MUST", "With Secure Boot: every PE the firmware or shim verifies "
+             "(loader; shim's grub<arch>.efi; the kernel GRUB or systemd-boot starts) carries an "
+             "Authenticode certificate table (data directory 4, WIN_CERTIFICATE revision "
+             "0x0200, type 2, 8-byte aligned)", "UEFI 2.6 §32.2.4, §32.5.3.3; Microsoft "
+             "Authenticode PE Signature Format"),
+    CheckDef("sb.digest", "MUST", "With Secure Boot: the recomputed Authenticode SHA-256 of "
+             "each signed image equals the digest in its signature",
+             "Microsoft Authenticode PE Signature Format (image hash); UEFI 2.6 §32.5.3.3"),
+    CheckDef("sb.chain", "MUST", "With Secure Boot: each signer chains to a trusted cert (the "
+             "loader to db: --db, --vars or Microsoft's UEFI CA 2011/2023 for shim; GRUB and "
+             "the kernel to shim's .vendor_cert when shim is in the chain)",
+             "UEFI 2.6 §32.5.3.3 (db, dbx); shim README (vendor_cert)"),
+    CheckDef("sb.sbat", "SHOULD", "With Secure Boot and shim: .sbat present and parseable in "
+             "shim and what it starts; its generations meet shim's .sbatlevel",
+             "shim SBAT.md (UEFI Secure Boot Advanced Targeting)"),
     # Runtime: observed by booting the image under QEMU + AAVMF.
     CheckDef("rt.removable-boot", "MUST", "With an empty variable store the firmware loads the "
              "removable-path loader and it reaches the kernel",
@@ -148,7 +164,9 @@ _DEFS = [
              "to drivers over virtio-pci and virtio-mmio", "{spec}, {images}"),
 ]
 CHECKS = {d.id: d for d in _DEFS}
-STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith("rt."))
+STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith(("rt.", "sb.")))
+# Secure Boot: reported when the loader is signed or verify is asked (--secure-boot)
+SB_IDS = tuple(d.id for d in _DEFS if d.id.startswith("sb."))
 RUNTIME_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt."))
 
 

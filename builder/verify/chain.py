@@ -5,7 +5,8 @@ One with ``.sdmagic`` is systemd-boot: its default entry (loader.conf, /loader/e
 /EFI/Linux) is judged. Else GRUB: grub.cfg is read where the binary reads it (beside its
 image, then ``$prefix/grub.cfg`` with the prefix, embedded config or memdisk taken from the
 image's ``mods`` section) and every kernel/initrd it names must exist. A loader that is
-itself an EFI-stub kernel needs nothing else.
+itself an EFI-stub kernel needs nothing else. A loader with ``.vendor_cert`` is shim: it
+starts grub<arch>.efi from its own directory, which is then judged as above.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Optional
 
 from builder import spec
 from builder.verify import ext4, grubcfg, grubimg, kernelimg, sdboot
+from builder.verify.authenticode import find_section
 from builder.verify.blob import Blob, ConcatBlob, SliceBlob
 from builder.verify.fat import FatError, FatVolume
 from builder.verify.pe import PeError, parse_pe, section_blob
@@ -49,13 +51,19 @@ def find_chain(ctx) -> None:
         ctx.set("boot.chain", "skip", why)
         ctx.set("boot.kernel", "skip", why)
         return
+    blob, path = ctx.loader, ctx.loader_path
+    if find_section(blob, pe, ".vendor_cert") is not None:
+        nxt = _shim_next(ctx)
+        if nxt is None:
+            return
+        path, blob, pe = nxt
     names = {s.name for s in pe.sections}
     if ".linux" in names:
-        _uki(ctx, pe, ctx.loader, "the loader")
+        _uki(ctx, pe, blob, "the loader" if blob is ctx.loader else path)
     elif ".sdmagic" in names:
         _sdboot(ctx)
     else:
-        _grub_image(ctx, pe, names)
+        _grub_image(ctx, pe, names, blob, path)
     ch = ctx.chain
     if ch is None or ch.kernel is None:
         if "boot.kernel" not in ctx.results:
@@ -64,6 +72,25 @@ def find_chain(ctx) -> None:
         return
     ok, detail = kernelimg.judge(ch.kernel, ctx.arch, ch.kind)
     ctx.set("boot.kernel", "pass" if ok else "fail", f"{ch.kernel_name}: {detail}")
+
+
+def _shim_next(ctx):
+    """shim (a loader with .vendor_cert) starts grub<arch>.efi from its own directory
+    (shim's DEFAULT_LOADER): (path, blob, PE) of it, or None with boot.chain failed."""
+    arch = ctx.loader_path.rsplit("/", 1)[-1].upper()
+    name = "grub" + arch[len("BOOT"):-len(".EFI")].lower() + ".efi"
+    path = ctx.loader_path.rsplit("/", 1)[0] + "/" + name
+    blob, why = _open(ctx, path)
+    if blob is None:
+        ctx.set("boot.chain", "fail", f"the loader is shim, which starts {name} beside it: {why}")
+        return None
+    try:
+        pe = parse_pe(blob)
+    except PeError as e:
+        ctx.set("boot.chain", "fail", f"the loader is shim; {path} is not a PE image ({e})")
+        return None
+    ctx.cache["shim.next"] = (path, blob, pe)
+    return path, blob, pe
 
 
 def _exists(ctx, path: str) -> bool:
@@ -75,20 +102,21 @@ def _exists(ctx, path: str) -> bool:
         return False
 
 
-def _grub_image(ctx, pe, names: set) -> None:
+def _grub_image(ctx, pe, names: set, blob=None, path=None) -> None:
     """GRUB reads grub.cfg beside its own image first (Debian's fw_path), then
     ``$prefix/grub.cfg``; the prefix, an embedded config and a memdisk come from the image's
     ``mods`` section. A loader without one is judged as GRUB only when a grub.cfg sits
-    beside it."""
-    gi = grubimg.read_mods(ctx.loader, pe)
-    loader_dir = ctx.loader_path.rsplit("/", 1)[0] or "/"
+    beside it. ``blob``/``path``: the GRUB image when it is not the loader (shim's next)."""
+    blob, path = blob or ctx.loader, path or ctx.loader_path
+    gi = grubimg.read_mods(blob, pe)
+    loader_dir = path.rsplit("/", 1)[0] or "/"
     beside = loader_dir.rstrip("/") + "/grub.cfg"
     if gi is None:
         if _exists(ctx, beside):
             _grub(ctx, beside, loader_dir, note="the loader has no GRUB 'mods' section; "
                   "judged as a GRUB reading the grub.cfg beside it")
-        elif kernelimg.describe(ctx.loader)[1] is not None:
-            ctx.chain = Chain("stub", ctx.loader, ctx.loader_path,
+        elif kernelimg.describe(blob)[1] is not None:
+            ctx.chain = Chain("stub", blob, path,
                               initrd_note="the loader is a kernel started without an initrd")
             ctx.set("boot.chain", "pass", "the loader is an EFI-stub kernel started directly")
         else:
