@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 SYSTEM_PACKAGES := qemu-system-arm qemu-efi-aarch64 qemu-efi-arm fdisk dosfstools mtools \
 	genimage grub-common bmap-tools gdisk gpgv gnupg debian-archive-keyring xz-utils zstd \
 	python3-venv ca-certificates cpio gcc mount mmdebstrap git \
-	qemu-user-static binfmt-support arch-test fakeroot e2fsprogs kmod qemu-utils
+	qemu-user-static binfmt-support arch-test fakeroot e2fsprogs kmod qemu-utils sbsigntool
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo demo-server test system-deps venv bench clean example fresh-check
