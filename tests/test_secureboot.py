@@ -81,6 +81,7 @@ def _esp(out: Path, name: str) -> dict:
     ("{type: grub, sign: {key: k.key, cert: k.crt}}", "aarch64", "signs a UKI or a prebuilt loader",
      "bootloader.sign"),
     ("{type: uki, sign: {key: k.key}}", "aarch64", "cert", "bootloader.sign"),
+    ("{type: uki, sign: {key: k.key, cert: k.crt}}", "aarch64", "k.key: no such file", "bootloader.sign.key"),
     ("{type: uki, sign: {key: k.key, cert: k.crt, passphrase_env: 'my pass'}}", "aarch64",
      "does not have the allowed form", "bootloader.sign.passphrase_env"),
 ])

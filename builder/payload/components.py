@@ -326,6 +326,12 @@ def check_supported(recipe: Recipe) -> None:
                           "(Debian's signed GRUB is signed already: use shim: true)",
                           line=lines.get(("bootloader", "sign")), field="bootloader.sign",
                           allowed="type: uki or type: efi")
+    if b.sign is not None:
+        for what, path in (("key", b.sign.key), ("cert", b.sign.cert)):
+            if not path.is_file():
+                raise RecipeError(recipe.path, f"{path}: no such file", line=lines.get(("bootloader", "sign", what)),
+                                  field=f"bootloader.sign.{what}",
+                                  allowed="a file beside the recipe (armvm-build keys DIR writes db.key and db.crt)")
     if recipe.bootloader.signed and recipe.arch != "aarch64":
         raise RecipeError(recipe.path, "Debian ships a signed GRUB only for AArch64",
                           field="bootloader.signed", allowed="false for armv7")
