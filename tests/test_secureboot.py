@@ -23,7 +23,7 @@ import pytest
 from builder.console import ConsoleWatcher
 from builder.verify.runtime import parse_runtime_report, runtime_checks
 from tests import diskcheck
-from tests.fixtures import AA64, pe_image, write_efi_tree
+from tests.fixtures import write_efi_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEOIL_KEY = Path("/usr/share/qemu-efi-aarch64/PkKek-1-snakeoil.key")

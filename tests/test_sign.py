@@ -5,7 +5,6 @@ digest for the Authenticode hash, virt-fw-vars for the enrolled variable store.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import lzma
 import shutil
 import struct
