@@ -321,11 +321,14 @@ def _direct_files(image: Path):
 def keys_cmd(dest: Path = typer.Argument(..., help="Folder for PK/KEK/db keys, certificates and VARS.fd."),
              common_name: Optional[str] = typer.Option(None, "--cn", help="Common name prefix of the certificates "
                                                        "(default: 'armvm-build <folder name>')."),
+             quiet: bool = typer.Option(False, "-q", "--quiet", help="No live progress."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
     """Make Secure Boot keys (PK, KEK, db: RSA-2048 + X.509) and VARS.fd with them enrolled and Secure Boot on."""
     from builder.payload.keys import make_keys
+    from builder.progress import BuildProgress
     try:
-        res = make_keys(dest, common_name=common_name)
+        with BuildProgress(_progress(quiet or as_json)) as progress:
+            res = make_keys(dest, common_name=common_name, stage=progress.stage)
     except ArmvmError as err:
         _fail(err, as_json)
     if as_json:

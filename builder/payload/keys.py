@@ -83,8 +83,10 @@ def _cert(key, cn: str, serial: int, now: datetime.datetime):
 
 
 def make_keys(dest: Path, *, common_name: Optional[str] = None,
-              vars_template: Optional[Path] = None) -> KeysResult:
-    """Write PK/KEK/db keys and certs and an enrolled VARS.fd into `dest`."""
+              vars_template: Optional[Path] = None, stage=None) -> KeysResult:
+    """Write PK/KEK/db keys and certs and an enrolled VARS.fd into `dest`. `stage` is a
+    context-manager factory taking a stage name (the CLI's live progress)."""
+    stage = stage or (lambda name: contextlib.nullcontext())
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     dest = Path(dest)
@@ -104,20 +106,22 @@ def make_keys(dest: Path, *, common_name: Optional[str] = None,
     dest.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     result = KeysResult(dest, owner=owner)
-    for n, role in enumerate(ROLES):
-        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-        serial = int.from_bytes(uuid.uuid5(OWNER_NAMESPACE, f"{cn}/{role}").bytes, "big") >> 1
-        cert = _cert(key, f"{cn} {role}", serial, now)
-        kpath, cpath = dest / f"{role}.key", dest / f"{role}.crt"
-        _write(kpath, key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()), 0o600)
-        _write(cpath, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        result.files[kpath.name], result.files[cpath.name] = kpath, cpath
-        result.subjects[role] = cert.subject.rfc4514_string()
-    result.files[VARS_NAME] = write_vars(dest / VARS_NAME, template, owner,
-                                         pk=dest / "PK.crt", kek=[dest / "KEK.crt"],
-                                         db=[dest / "db.crt"])
+    with stage("generate PK, KEK, db"):
+        for role in ROLES:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+            serial = int.from_bytes(uuid.uuid5(OWNER_NAMESPACE, f"{cn}/{role}").bytes, "big") >> 1
+            cert = _cert(key, f"{cn} {role}", serial, now)
+            kpath, cpath = dest / f"{role}.key", dest / f"{role}.crt"
+            _write(kpath, key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()), 0o600)
+            _write(cpath, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            result.files[kpath.name], result.files[cpath.name] = kpath, cpath
+            result.subjects[role] = cert.subject.rfc4514_string()
+    with stage("write VARS.fd (virt-firmware)"):
+        result.files[VARS_NAME] = write_vars(dest / VARS_NAME, template, owner,
+                                             pk=dest / "PK.crt", kek=[dest / "KEK.crt"],
+                                             db=[dest / "db.crt"])
     return result
 
 
