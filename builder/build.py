@@ -137,7 +137,7 @@ def gather(ctx) -> List[PlannedFile]:
     if recipe.initramfs:
         initrd = c.prepare_initramfs(ctx, kinfo)
     loader, grub_cfg, kind = c.prepare_loader(ctx, kernel, initrd)
-    files = [(f"{spec.REMOVABLE_DIR}/{arch.removable_name}", loader, "loader")]
+    files = [(f"{spec.REMOVABLE_DIR}/{arch.removable_name}", loader, "loader")] + list(ctx.extra_esp)
     if grub_cfg is not None:
         cfg = ctx.work / "grub.cfg"
         cfg.write_text(grub_cfg)
@@ -171,6 +171,7 @@ def build(recipe_path, options: BuildOptions = BuildOptions()) -> BuildResult:
                                   for i in ctx.inputs if i["origin"].startswith("debian:") and "filename" in i})
     result.lock = info.get("lock")
     result.warnings = list(info["recipe"].warnings) if "recipe" in info else []
+    result.warnings += list(ctx.warnings) if ctx is not None else []
     return result
 
 
@@ -203,6 +204,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                           progress=progress)
             info["ctx"] = ctx
             ctx.seed = seed
+            ctx.on_warning = options.on_warning
             ctx.want_root_pins = options.update_lock     # resolve the root's package set for the lock
             ctx.stages["recipe"] = time.perf_counter() - t_start
             try:

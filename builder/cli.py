@@ -231,6 +231,11 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
                                           "press the power button over QMP; ok when the guest powers off within "
                                           "60 s and no systemd unit failed."),
          checks: bool = typer.Option(False, "--checks", help="Boot the runtime matrix and report rt.* checks."),
+         secure_boot: Optional[str] = typer.Option(None, "--secure-boot", metavar="ms|snakeoil|PATH.fd",
+                                                   help="AArch64: boot with Secure Boot enforced: ms (Microsoft's CAs, "
+                                                   "AAVMF_VARS.ms.fd), snakeoil (Debian's test key) or a VARS file "
+                                                   "(`armvm-build keys`); a refusal ends the boot at once; with --checks "
+                                                   "adds rt.secureboot."),
          direct: bool = typer.Option(False, "--direct", help="Boot <name>.vmlinuz/.initrd/.cmdline beside the image "
                                      "with -kernel/-initrd/-append (no firmware; outside the spec's image contract)."),
          interactive: bool = typer.Option(False, "--interactive", help="Serial console on this terminal; no marker wait."),
@@ -249,6 +254,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         raise typer.BadParameter("use on or off", param_hint="--acpi")
     if checks and until_login:
         raise typer.BadParameter("--checks boots our marker images; use one of them", param_hint="--until-login")
+    if secure_boot is not None and direct:
+        raise typer.BadParameter("Secure Boot needs the firmware; drop --direct", param_hint="--secure-boot")
     from builder.run import bootcheck
     from builder.run import bootview
     from builder.errors import NotAnImageError
@@ -265,7 +272,7 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
                 bootcheck.check_arch(image, arch)      # before booting anything
             with live:
                 out = bootcheck.run_checks(image, arch=arch, timeout=timeout, qemu_args=qemu_arg,
-                                           progress=live, verbose=verbose,
+                                           progress=live, verbose=verbose, secure_boot=secure_boot,
                                            log_dir=log_path.parent, log_stem=stem)
             report = bootcheck.checks_report(out)
             if as_json:
@@ -286,7 +293,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
             res = boot_image(image, arch=arch, timeout=timeout, gic=gic, acpi=None if acpi is None else acpi == "on",
                              expect=expect, interactive=interactive, qemu_args=qemu_arg, direct=direct_args,
                              on_line=lambda line: [f(line) for f in lines], on_event=task.on_event,
-                             until_login=until_login, log_path=None if interactive else log_path)
+                             until_login=until_login, log_path=None if interactive else log_path,
+                             secure_boot=secure_boot)
             task.done()
     except ArmvmError as err:
         _fail(err, as_json)
@@ -314,6 +322,30 @@ def _direct_files(image: Path):
         raise NotAnImageError(f"{kernel} not found: build with `output: {{direct: true}}` for direct boot")
     return (kernel, initrd if initrd.is_file() else None,
             cmdline.read_text().strip() if cmdline.is_file() else "")
+
+
+@app.command("keys")
+def keys_cmd(dest: Path = typer.Argument(..., help="Folder for PK/KEK/db keys, certificates and VARS.fd."),
+             common_name: Optional[str] = typer.Option(None, "--cn", help="Common name prefix of the certificates "
+                                                       "(default: 'armvm-build <folder name>')."),
+             quiet: bool = typer.Option(False, "-q", "--quiet", help="No live progress."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
+    """Make Secure Boot keys (PK, KEK, db: RSA-2048 + X.509) and VARS.fd with them enrolled and Secure Boot on."""
+    from builder.payload.keys import make_keys
+    from builder.progress import BuildProgress
+    try:
+        with BuildProgress(_progress(quiet or as_json)) as progress:
+            res = make_keys(dest, common_name=common_name, stage=progress.stage)
+    except ArmvmError as err:
+        _fail(err, as_json)
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **res.to_json()}, indent=2))
+        return
+    typer.echo(f"keys written to {res.dir} (private keys mode 0600; never put them into an image):")
+    for name, path in res.files.items():
+        typer.echo(f"  {path}")
+    typer.echo(f"sign with bootloader.sign: {{key: {res.files['db.key']}, cert: {res.files['db.crt']}}}; "
+               f"boot with --secure-boot {res.files['VARS.fd']}")
 
 
 @app.command("lock")

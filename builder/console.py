@@ -38,9 +38,19 @@ FATAL = (
      "the firmware found no bootable loader on the disk"),
     (re.compile(r"Synchronous Exception at|X64 Exception Type"), "firmware exception"),
 )
+# Secure Boot refusals (checked before the others: GRUB's refusal is followed by its key
+# prompt, the firmware's by its next boot option). Shim's dialog ends without a newline
+# and waits for a key forever: matched on the unfinished line too.
+SECURE_BOOT_FATAL = (
+    (re.compile(r"Access Denied"), "Secure Boot: the firmware refused the loader (Access Denied)"),
+    (re.compile(r"Security Violation"), "Secure Boot: shim refused the next stage (Security Violation)"),
+    (re.compile(r"bad shim signature"), "Secure Boot: GRUB refused the kernel (bad shim signature)"),
+)
+FATAL = SECURE_BOOT_FATAL + FATAL
 # Prompts that wait before ending their line (GRUB's key prompt, the firmware's network
-# boot with its ~60 s DHCP timeout): also matched on the unfinished line.
-FATAL_UNFINISHED = (FATAL[1], FATAL[2])
+# boot with its ~60 s DHCP timeout, shim's violation dialog): also matched on the
+# unfinished line.
+FATAL_UNFINISHED = (SECURE_BOOT_FATAL[1], FATAL[4], FATAL[5])
 # GRUB's "error: ..." and the firmware's failed boot options explain a later failure.
 _ERROR = re.compile(r"^error: |BdsDxe: failed to (load|start) ")
 # A getty prompt ("debian login: ") ends without a newline.
@@ -206,6 +216,9 @@ class ConsoleWatcher:
             for rx, what in (FATAL if patterns is None else patterns):
                 if rx.search(line):
                     detail = self.errors[0] if self.errors else line.strip()
+                    if what.startswith("Secure Boot:"):
+                        detail = line.strip()
+                        self.stop_now = True        # nothing follows a refusal: stop at once
                     self.failure, self.failure_at = f"{what}: {detail}", t
                     break
 

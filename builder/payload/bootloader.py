@@ -134,6 +134,39 @@ def find_signed_grub(tree: Path, arch) -> Path:
     return found[0]
 
 
+# Debian's shim chain (AArch64 only: Debian builds no shim for armhf)
+SHIM_PACKAGES = {"aarch64": "shim-signed"}
+SHIM_HELPERS_PACKAGES = {"aarch64": "shim-helpers-arm64-signed"}     # mmaa64 (and fbaa64)
+SHIM_NAMES = {"aarch64": "shimaa64.efi.signed"}
+MOKMANAGER_NAMES = {"aarch64": "mmaa64.efi.signed"}
+# Beside shim at \EFI\BOOT: the second stage shim starts and MokManager. Never the fallback
+# (fbaa64.efi): it writes boot entries and resets the machine.
+SHIM_SECOND_STAGE = {"aarch64": "grubaa64.efi"}
+SHIM_MOKMANAGER = {"aarch64": "mmaa64.efi"}
+
+
+def shim_packages(arch) -> tuple:
+    """(shim package, helpers package) for `arch`; a clear error where Debian has none."""
+    a = _arch(arch)
+    if a.name not in SHIM_PACKAGES:
+        raise ArmvmError(f"Debian ships no shim for {a.name} ({a.debian_arch}): Secure Boot with "
+                         f"Debian's signed chain is AArch64 only; use a UKI signed with your own "
+                         f"key (bootloader: {{type: uki, sign: ...}}) or drop shim")
+    return SHIM_PACKAGES[a.name], SHIM_HELPERS_PACKAGES[a.name]
+
+
+def find_in_tree(tree: Path, name: str, package: str) -> Path:
+    """The file `name` inside an extracted package tree (preferring usr/lib/shim/)."""
+    tree = Path(tree)
+    preferred = tree / "usr" / "lib" / "shim" / name
+    if preferred.is_file():
+        return preferred
+    found = sorted(p for p in _walk_files(tree, limit=100_000) if p.name == name)
+    if not found:
+        raise ArmvmError(f"{tree}: '{name}' not found; expected an extracted '{package}' package")
+    return found[0]
+
+
 def _walk_files(root: Path, *, limit: int):
     """Files under root (no symlinks followed), at most `limit` entries visited."""
     seen = 0

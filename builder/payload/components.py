@@ -32,6 +32,9 @@ class Context:
     seed: str = ""                     # the seed every GUID/UUID is derived from
     kinfo: object = None               # builder.payload.kernel.KernelInfo of a packaged kernel
     root_uuid: Optional[str] = None    # file system UUID of the rootfs (known from the seed)
+    extra_esp: List[tuple] = field(default_factory=list)   # (dest, path, role) beside the loader
+    warnings: List[str] = field(default_factory=list)      # build-time warnings (signing ...)
+    on_warning: object = None          # the CLI's warning printer (when no live display)
 
     @contextmanager
     def stage(self, name: str):
@@ -47,6 +50,13 @@ class Context:
 
     def record(self, role: str, origin: str, sha256: str, size: int, **extra) -> None:
         self.inputs.append({"role": role, "origin": origin, "sha256": sha256, "size": size, **extra})
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+        if self.progress is not None:
+            self.progress.warn(text, self.on_warning)
+        elif self.on_warning is not None:
+            self.on_warning(text)
 
     def need_archive(self, what: str):
         if self.archive is None:
@@ -124,6 +134,9 @@ def packages_used(recipe: Recipe) -> List[tuple]:
         out += [(e.source.package, False) for e in recipe.initramfs.files if e.source.kind == "package"]
     if loader_package(recipe):
         out.append((loader_package(recipe), False))
+    if recipe.bootloader is not None and recipe.bootloader.shim:
+        from builder.payload.bootloader import shim_packages
+        out += [(p, False) for p in shim_packages(spec.ARCHES[recipe.arch])]
     b = recipe.bootloader
     if b and b.type == "efi" and b.source and b.source.kind == "package":
         out.append((b.source.package, False))
@@ -185,6 +198,10 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
         from builder.payload.rootfs import root_fstype_modules
         root_fstype = next(p.format for p in ctx.recipe.disk.partitions if p.format)
         drivers += [d for d in root_fstype_modules(kinfo, root_fstype) if d not in drivers]
+    b = ctx.recipe.bootloader
+    if b is not None and (b.shim or b.sign is not None) and "efivarfs" in kinfo.modules \
+            and "efivarfs" not in drivers:
+        drivers.append("efivarfs")     # /init reads the SecureBoot variable through it
     modules = resolve_drivers(kinfo, with_virtio_transports(kinfo, drivers))
     extra = [(e.dest, fetch_source(ctx, e.source, "initramfs.files")) for e in spec_i.files]
     template = spec_i.init.read_text() if spec_i.init else None
@@ -206,14 +223,24 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
         if b.source is None:
             raise RecipeError(ctx.recipe.path, "type efi needs the loader's source", field="bootloader",
                               allowed="file, url (+sha256) or package (+path)")
-        return fetch_source(ctx, b.source, "bootloader"), None, "efi"
+        loader = fetch_source(ctx, b.source, "bootloader")
+        if b.sign is not None:
+            from builder.payload.sign import is_signed
+            if is_signed(loader):
+                ctx.warn(f"the loader {origin_of(ctx, b.source)} is already signed: bootloader.sign "
+                         f"replaces its signature with one by {b.sign.cert.name}")
+            loader = _sign(ctx, loader, arch)
+        return loader, None, "efi"
     from builder.payload import bootloader as bl
     if b.type == "grub":
         template = b.config.read_text() if b.config else None
         cfg = bl.render_grub_cfg(cmdline=cmdline, template=template, template_file=b.config)
         tree, _ = package_tree(ctx, loader_package(ctx.recipe), "bootloader")
         if b.signed:
-            return bl.find_signed_grub(tree, arch), cfg, "grub-signed"
+            grub = bl.find_signed_grub(tree, arch)
+            if not b.shim:
+                return grub, cfg, "grub-signed"
+            return _shim_chain(ctx, arch, grub), cfg, "grub-shim"
         with ctx.stage("loader"):
             out = bl.build_grub(arch=arch, grub_tree=tree, out=ctx.work / arch.removable_name,
                                 extra_modules=b.modules)
@@ -229,7 +256,39 @@ def prepare_loader(ctx: Context, kernel: Optional[Path], initrd: Optional[Path])
     with ctx.stage("loader"):
         out = build_uki(stub=find_systemd_stub(tree, arch), kernel=kernel, initrd=initrd, cmdline=cmdline,
                         osrel=osrel, uname=_kernel_version(ctx), out=ctx.work / arch.removable_name)
+    if b.sign is not None:
+        out = _sign(ctx, out, arch)
     return out, None, "uki"
+
+
+def _shim_chain(ctx: Context, arch, grub: Path) -> Path:
+    """Debian's shim chain: shim is the removable-path loader; the signed GRUB (shim's
+    second stage) and MokManager go beside it (ctx.extra_esp); never the fallback."""
+    from builder.payload import bootloader as bl
+    shim_pkg, helpers_pkg = bl.shim_packages(arch)
+    tree, _ = package_tree(ctx, shim_pkg, "shim")
+    shim = bl.find_in_tree(tree, bl.SHIM_NAMES[arch.name], shim_pkg)
+    htree, _ = package_tree(ctx, helpers_pkg, "shim-helpers")
+    mm = bl.find_in_tree(htree, bl.MOKMANAGER_NAMES[arch.name], helpers_pkg)
+    ctx.extra_esp += [(f"{spec.REMOVABLE_DIR}/{bl.SHIM_SECOND_STAGE[arch.name]}", grub, "grub"),
+                      (f"{spec.REMOVABLE_DIR}/{bl.SHIM_MOKMANAGER[arch.name]}", mm, "mokmanager")]
+    return shim
+
+
+def _sign(ctx: Context, loader: Path, arch) -> Path:
+    """The loader signed with the recipe's db key (the key never leaves this process)."""
+    from builder.payload.sign import load_signer, sign_file
+    s = ctx.recipe.bootloader.sign
+    signer = load_signer(s.key, s.cert, passphrase_env=s.passphrase_env)
+    for w in signer.warnings:
+        ctx.warn(w)
+    out = ctx.work / f"{arch.removable_name}.signed"
+    with ctx.stage("sign"):
+        sign_file(loader, out, signer, what=loader.name)
+    from builder.inputs.cache import sha256_file
+    digest, size = sha256_file(s.cert)
+    ctx.record("signing-cert", f"file:{s.cert.name}", digest, size, subject=signer.subject)
+    return out
 
 
 def _kernel_version(ctx: Context) -> str:
@@ -250,6 +309,29 @@ def check_supported(recipe: Recipe) -> None:
     if recipe.bootloader.type in ("grub", "uki") and recipe.kernel is None:
         raise RecipeError(recipe.path, f"bootloader {recipe.bootloader.type} needs a kernel", field="kernel",
                           allowed="kernel: {package: ...} or {file: ...}")
+    b = recipe.bootloader
+    lines = getattr(recipe, "lines", None) or {}
+    if b.shim:
+        if recipe.arch != "aarch64":
+            raise RecipeError(recipe.path, "Debian ships no shim for armhf (AArch32): Secure Boot with "
+                              "Debian's signed shim chain is AArch64 only", line=lines.get(("bootloader", "shim")),
+                              field="bootloader.shim",
+                              allowed="false for armv7 (or a UKI signed with your own key: type: uki, sign: ...)")
+        if b.type != "grub" or not b.signed:
+            raise RecipeError(recipe.path, "shim starts Debian's signed GRUB: it needs type: grub and signed: true",
+                              line=lines.get(("bootloader", "shim")), field="bootloader.shim",
+                              allowed="bootloader: {type: grub, signed: true, shim: true}")
+    if b.sign is not None and b.type not in ("uki", "efi"):
+        raise RecipeError(recipe.path, f"sign: signs a UKI or a prebuilt loader, not type {b.type} "
+                          "(Debian's signed GRUB is signed already: use shim: true)",
+                          line=lines.get(("bootloader", "sign")), field="bootloader.sign",
+                          allowed="type: uki or type: efi")
+    if b.sign is not None:
+        for what, path in (("key", b.sign.key), ("cert", b.sign.cert)):
+            if not path.is_file():
+                raise RecipeError(recipe.path, f"{path}: no such file", line=lines.get(("bootloader", "sign", what)),
+                                  field=f"bootloader.sign.{what}",
+                                  allowed="a file beside the recipe (armvm-build keys DIR writes db.key and db.crt)")
     if recipe.bootloader.signed and recipe.arch != "aarch64":
         raise RecipeError(recipe.path, "Debian ships a signed GRUB only for AArch64",
                           field="bootloader.signed", allowed="false for armv7")

@@ -114,6 +114,15 @@ class BootloaderSpec:
     signed: bool
     modules: Tuple[str, ...]
     config: Optional[Path]
+    shim: bool = False
+    sign: Optional["SignSpec"] = None
+
+
+@dataclass(frozen=True)
+class SignSpec:
+    key: Path
+    cert: Path
+    passphrase_env: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -342,7 +351,11 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
     if b is not None:
         bootloader = BootloaderSpec(b["type"], source(b, ("bootloader",)), b.get("signed", False),
                                     tuple(b.get("modules", [])),
-                                    host_path(b["config"], ("bootloader", "config")) if "config" in b else None)
+                                    host_path(b["config"], ("bootloader", "config")) if "config" in b else None,
+                                    b.get("shim", False),
+                                    SignSpec(host_path(b["sign"]["key"], ("bootloader", "sign", "key")),
+                                             host_path(b["sign"]["cert"], ("bootloader", "sign", "cert")),
+                                             b["sign"].get("passphrase_env")) if "sign" in b else None)
     parts = []
     for n, pd in enumerate(data["disk"]["partitions"]):
         p = ("disk", "partitions", n)

@@ -36,7 +36,7 @@ from builder.console import GRUB_QUERY, ConsoleWatcher
 from builder.errors import ArmvmError, NotAnImageError
 from builder.verify.container import NotRawDiskError
 from builder.run.qemu import (arch_of, die_with_parent_hook, find_firmware, find_qemu, kvm_usable,
-                   probe_image, qemu_command, qmp_powerdown)
+                   probe_image, qemu_command, qmp_powerdown, secure_boot_vars)
 
 PANIC_GRACE = 2.0                      # seconds to collect the rest of a panic message
 KILL_GRACE = 5.0
@@ -62,6 +62,7 @@ class BootResult:
     grub_looked: tuple = ()            # where GRUB looked for grub.cfg, when it stopped
     log: str | None = None             # where the console log was saved
     log_error: str | None = None       # why it could not be saved
+    secure_boot: str | None = None     # --secure-boot: ms, snakeoil or the VARS file booted
 
     def last_lines(self, n: int = 20) -> list:
         return self.console.splitlines()[-n:]
@@ -71,7 +72,8 @@ class BootResult:
                 "command": self.command, "timed_out": self.timed_out,
                 "expect": self.expect, "login_seconds": self.login_seconds,
                 "poweroff_seconds": self.poweroff_seconds,
-                "failed_units": list(self.failed_units), "log": self.log}
+                "failed_units": list(self.failed_units), "log": self.log,
+                "secure_boot": self.secure_boot}
 
 
 
@@ -343,7 +345,8 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                kvm: bool | None = None, until_login: bool = False,
                poweroff_wait: float = POWEROFF_WAIT,
                log_path: Path | None = None,
-               cancel: threading.Event | None = None) -> BootResult:
+               cancel: threading.Event | None = None,
+               secure_boot: str | None = None) -> BootResult:
     """Boot `image` (attached read-only-safe with snapshot=on) and report what happened.
 
     arch 'auto' reads the loader name (BOOTAA64.EFI / BOOTARM.EFI) from the image's ESP;
@@ -354,6 +357,9 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
     until_login: wait for a getty prompt instead of the marker, then ask for power-off.
     log_path: the console log is always written there (also on failure or Ctrl-C).
     cancel: an Event another thread sets to stop this boot (raises KeyboardInterrupt).
+    secure_boot: ms | snakeoil | a VARS file: boot with that variable store (Secure Boot
+    enforced); a refusal (Access Denied, Security Violation, bad shim signature) ends the
+    boot at once, and a guest that reports secureboot=0 fails it.
     """
     if not timeout > 0:
         raise ArmvmError(f"boot timeout {timeout!r} must be a positive number of seconds")
@@ -379,6 +385,10 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                               f"{a.name}: drop --arch or give --arch {info.arch}")
     if sector_size is None and info is not None:
         sector_size = info.sector_size
+    if secure_boot is not None and direct is not None:
+        raise ArmvmError("--secure-boot needs the firmware: it cannot go with a direct kernel boot",
+                         exit_code=2)
+    sb_vars = secure_boot_vars(a, secure_boot) if secure_boot is not None else None
     use_kvm = kvm_usable(a) if kvm is None else kvm
     exe = find_qemu(a)
     if expect is None:
@@ -388,7 +398,8 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
         if direct is None:
             code, vars_template = find_firmware(a)
             vars_copy = tmp / "VARS.fd"
-            shutil.copyfile(vars_template, vars_copy)      # fresh, empty variable store
+            # fresh variable store: empty, or Secure Boot's (never written back)
+            shutil.copyfile(sb_vars or vars_template, vars_copy)
             firmware = (code, vars_copy)
         qmp = tmp / "qmp.sock" if until_login else None
         cmd = qemu_command(arch=a, qemu=exe, image=image, firmware=firmware, gic=gic,
@@ -412,6 +423,14 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                 except OSError as e:
                     log_error = f"could not save the console log to {log_path}: {e.strerror}"
     ok, reason = _verdict(watcher, out, float(timeout), until_login)
+    if ok and secure_boot is not None:
+        from builder.verify.runtime import parse_runtime_report
+        sb = parse_runtime_report(watcher.text()).secureboot
+        if sb is False:
+            ok, reason = False, ("--secure-boot was given but the guest reports secureboot=0 "
+                                 "(the firmware did not enforce Secure Boot)")
+        elif sb:
+            reason += "; Secure Boot enforced (secureboot=1)"
     ev = watcher.events
     login_s = ev.get("login") if until_login else None
     off_s = ev["poweroff"] - ev["login"] if until_login and "poweroff" in ev and \
@@ -421,4 +440,4 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
                       failed_units=tuple(watcher.failed_units),
                       grub_looked=watcher.grub_looked,
                       log=str(log_path) if log_path is not None and log_error is None else None,
-                      log_error=log_error)
+                      log_error=log_error, secure_boot=secure_boot)

@@ -62,7 +62,7 @@ def check_arch(image: Path, arch: str) -> None:
 
 
 def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, verbose, log_dir,
-         log_stem, cancel=None) -> tuple:
+         log_stem, cancel=None, secure_boot=None) -> tuple:
     from builder.run.boot import boot_image
     from builder.verify.runtime import parse_runtime_report, runtime_checks
     task = progress.boot(sc.name) if progress is not None else None
@@ -73,7 +73,7 @@ def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, ve
                          acpi=sc.acpi if arch == "aarch64" else None, extra_virtio=sc.balloon,
                          qemu_args=qemu_args, on_line=lambda ln: [f(ln) for f in lines],
                          on_event=task.on_event if task else None, log_path=log,
-                         cancel=cancel)
+                         cancel=cancel, secure_boot=secure_boot)
     finally:
         if task is not None:
             task.done()
@@ -82,7 +82,7 @@ def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, ve
                 "virtio_devices": _expected(sc.balloon),
                 "reached_marker": res.ok or "marker" in res.events,
                 "powered_off": res.exit_status is not None and not res.timed_out,
-                "loader_seen": "loader" in res.events}
+                "loader_seen": "loader" in res.events, "secure_boot": secure_boot}
     sc_checks = [replace(c, detail=f"[{sc.name}] {c.detail}")
                  for c in runtime_checks(facts, arch=arch, scenario=scenario)]
     return ({"scenario": sc.name, "ok": res.ok, "reason": res.reason, "log": res.log,
@@ -114,7 +114,8 @@ def can_run_concurrently(n: int, memory_mb: int = 1024) -> bool:
 
 def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[str] = (),
                progress=None, verbose: bool = False, log_dir: Optional[Path] = None,
-               log_stem: str = "image", concurrent: Optional[bool] = None) -> dict:
+               log_stem: str = "image", concurrent: Optional[bool] = None,
+               secure_boot: Optional[str] = None) -> dict:
     """Boot each scenario; returns {"scenarios": [...], "checks": [Check...], "ok": bool}.
     concurrent None decides by cores and memory (can_run_concurrently)."""
     from builder.run.boot import signals_as_interrupt
@@ -122,7 +123,7 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
     if concurrent is None:
         concurrent = can_run_concurrently(len(scs))
     cancel = threading.Event()
-    args = (arch, timeout, qemu_args, progress, verbose, log_dir, log_stem, cancel)
+    args = (arch, timeout, qemu_args, progress, verbose, log_dir, log_stem, cancel, secure_boot)
     with signals_as_interrupt():
         if concurrent:
             from concurrent.futures import ThreadPoolExecutor

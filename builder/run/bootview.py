@@ -104,6 +104,9 @@ def facts_rows(facts) -> list:
             ("GIC", f"v{facts.gic}" if facts.gic in ("2", "3") else (facts.gic or "?")),
             ("RTC", ", ".join(facts.rtc) or "none"),
             ("console", ", ".join(f"{n} ({d})" for n, d in facts.consoles) or "?")]
+    if facts.secureboot is not None or facts.lockdown is not None:
+        rows.append(("secure boot", f"{yn(facts.secureboot, 'on', 'off')} (SecureBoot variable), "
+                                    f"kernel lockdown {facts.lockdown or '?'}"))
     for d in facts.virtio:
         rows.append(("virtio", f"{d.name}: {VIRTIO_NAMES.get(d.id, d.id)} over {d.transport}, "
                                f"driver {d.driver}"))

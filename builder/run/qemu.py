@@ -44,6 +44,42 @@ def find_firmware(arch) -> tuple[Path, Path]:
     return code, vars_
 
 
+# --secure-boot: Debian's variable stores with Secure Boot on (package qemu-efi-aarch64)
+SECURE_BOOT_VARS = {
+    "ms": "/usr/share/AAVMF/AAVMF_VARS.ms.fd",              # Microsoft's 2011 CAs in db
+    "snakeoil": "/usr/share/AAVMF/AAVMF_VARS.snakeoil.fd",  # Debian's test key PkKek-1-snakeoil
+}
+SECURE_BOOT_CHOICES = tuple(SECURE_BOOT_VARS) + ("PATH.fd",)
+MAX_VARS_BYTES = 128 * 1024 * 1024
+
+
+def secure_boot_vars(arch, choice: str) -> Path:
+    """The variable-store template for --secure-boot ms|snakeoil|PATH.fd (AArch64 only:
+    Debian's AAVMF32 has no Secure Boot)."""
+    a = arch_of(arch)
+    if a.name != "aarch64":
+        raise ArmvmError(f"--secure-boot is for aarch64 images: Debian's {a.name} firmware "
+                         f"(AAVMF32) has no Secure Boot", exit_code=2)
+    if choice in SECURE_BOOT_VARS:
+        path = Path(SECURE_BOOT_VARS[choice])
+        if not path.is_file():
+            raise MissingToolError(str(path), a.firmware_package, f"for --secure-boot {choice}")
+        return path
+    path = Path(choice)
+    if not path.is_file():
+        raise ArmvmError(f"--secure-boot {choice}: no such file (allowed: "
+                         f"{', '.join(SECURE_BOOT_CHOICES)}; `armvm-build keys DIR` writes DIR/VARS.fd)",
+                         exit_code=2)
+    code = Path(os.environ.get("ARMVM_FIRMWARE_CODE") or a.firmware_code)
+    size = path.stat().st_size
+    want = code.stat().st_size if code.is_file() else None
+    if size > MAX_VARS_BYTES or (want is not None and size != want):
+        raise NotAnImageError(f"{path}: {size} bytes; a variable store for {code.name} has "
+                              f"{want if want is not None else 'at most ' + str(MAX_VARS_BYTES)} "
+                              f"bytes (write one with `armvm-build keys DIR`)")
+    return path
+
+
 def find_qemu(arch) -> str:
     a = arch_of(arch)
     exe = shutil.which(a.qemu)

@@ -162,6 +162,9 @@ _DEFS = [
              "{spec}, {images}"),
     CheckDef("rt.virtio", "SHOULD", "virtio block, network, console and balloon devices bound "
              "to drivers over virtio-pci and virtio-mmio", "{spec}, {images}"),
+    CheckDef("rt.secureboot", "MUST", "With --secure-boot: the firmware enforces Secure Boot, "
+             "accepts the signed chain and the guest reports SecureBoot=1 (efivarfs)",
+             "UEFI 2.10 §32 (Secure Boot and Driver Signing), §3.3 (SecureBoot variable)"),
 ]
 CHECKS = {d.id: d for d in _DEFS}
 STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith(("rt.", "sb.")))

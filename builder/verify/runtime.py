@@ -49,6 +49,8 @@ class RuntimeFacts:
     gic: Optional[str] = None                        # '2' | '3' | 'unknown'
     virtio: list = field(default_factory=list)       # VirtioDevice
     modules: list = field(default_factory=list)
+    secureboot: Optional[bool] = None                # the SecureBoot EFI variable (efivarfs)
+    lockdown: Optional[str] = None                   # none | integrity | confidentiality
     marker: bool = False
     kernel_started: bool = False
     report_lines: int = 0
@@ -95,6 +97,10 @@ def parse_runtime_report(console_text: str) -> RuntimeFacts:
             for k in ("efi", "acpi", "fdt", "devicetree"):
                 if k in kv:
                     setattr(facts, k, _flag(kv[k]))
+            if "secureboot" in kv:
+                facts.secureboot = _flag(kv["secureboot"])
+            if "lockdown" in kv and re.fullmatch(r"[a-z]{1,32}", kv["lockdown"]):
+                facts.lockdown = kv["lockdown"]
             if "gic" in kv:
                 facts.gic = kv["gic"] if kv["gic"] in ("2", "3") else "unknown"
             if "kernel" in kv:
@@ -107,8 +113,10 @@ def parse_runtime_report(console_text: str) -> RuntimeFacts:
 def runtime_checks(facts: RuntimeFacts, *, arch: str, scenario: dict,
                    profile: str = "vmspec-2.0") -> list:
     """rt.* checks for one boot. Checks that do not apply to this boot's scenario (e.g.
-    rt.acpi on an acpi=off boot) are 'skip' with a detail starting 'n/a:'."""
+    rt.acpi on an acpi=off boot) are 'skip' with a detail starting 'n/a:'. rt.secureboot
+    is judged only when scenario["secure_boot"] names the variable store booted."""
     r = {}
+    ids = [c for c in RUNTIME_IDS if c != "rt.secureboot" or scenario.get("secure_boot")]
     loader = bool(scenario.get("loader_seen"))
     kernel = facts.kernel_started or facts.kernel is not None
     if loader and kernel:
@@ -128,11 +136,11 @@ def runtime_checks(facts: RuntimeFacts, *, arch: str, scenario: dict,
                                       "the VM did not power off by itself") + mach)
     if facts.report_lines == 0:
         why = f"no {spec.REPORT_PREFIX} lines on the console (see rt.userspace)"
-        for cid in RUNTIME_IDS:
+        for cid in ids:
             r.setdefault(cid, ("skip", why))
         if arch == "armv7":
             r["rt.acpi"] = ("pass", "not applicable: AArch32 boots from the device tree")
-        return [make_check(cid, profile, *r[cid]) for cid in RUNTIME_IDS]
+        return [make_check(cid, profile, *r[cid]) for cid in ids]
     want = scenario.get("gic")
     if want is None:
         r["rt.gic"] = ("skip", "n/a: the scenario names no GIC version")
@@ -165,7 +173,18 @@ def runtime_checks(facts: RuntimeFacts, *, arch: str, scenario: dict,
         ("fail", "no ttyAMA console on a PL011/SBSA driver (consoles: " +
          (", ".join(f"{n}:{d}" for n, d in facts.consoles) or "none") + ")")
     r["rt.virtio"] = _virtio(facts, scenario)
-    return [make_check(cid, profile, *r[cid]) for cid in RUNTIME_IDS]
+    if scenario.get("secure_boot"):
+        r["rt.secureboot"] = _secureboot(facts, scenario["secure_boot"])
+    return [make_check(cid, profile, *r[cid]) for cid in ids]
+
+
+def _secureboot(facts: RuntimeFacts, store: str) -> tuple:
+    lock = f", kernel lockdown {facts.lockdown}" if facts.lockdown else ""
+    if facts.secureboot is None:
+        return "fail", f"secure boot with {store}: the guest did not report its SecureBoot variable"
+    if not facts.secureboot:
+        return "fail", f"secure boot with {store}: the guest reports SecureBoot=0{lock}"
+    return "pass", f"SecureBoot=1 with {store}{lock}"
 
 
 def _show(v: Optional[bool]) -> str:
