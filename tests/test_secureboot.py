@@ -43,8 +43,12 @@ def _keypair(d: Path, name: str = "db"):
     return _key_and_cert(d, name)
 
 
-def _efi_sign_recipe(root: Path, key: str, cert: str, extra: str = "") -> Path:
+def _efi_sign_recipe(root: Path, key: str, cert: str, extra: str = "", sign_kernel: bool = True) -> Path:
     write_efi_tree(root)
+    if sign_kernel:       # the kernel the signed loader starts comes signed (its own key)
+        from builder.payload.sign import load_signer, sign_pe
+        kernel = root / "files" / "vmlinuz"
+        kernel.write_bytes(sign_pe(kernel.read_bytes(), load_signer(*_keypair(root / "kk", "kernel"))).data)
     text = textwrap.dedent(f"""\
         name: signed
         arch: aarch64
@@ -123,6 +127,10 @@ def test_sign_prebuilt_loader_offline_sbverify_and_replace_warning(tmp_path):
     if shutil.which("sbverify"):
         v = subprocess.run(["sbverify", "--cert", str(cert), str(out_efi)], capture_output=True, text=True)
         assert v.returncode == 0, v.stdout + v.stderr
+    # the self-check sees the signed loader; its chain is not judged (the kernel it starts
+    # is not ours to sign), unlike a signed UKI's
+    checks = {c["id"]: c["result"] for c in json.loads((tmp_path / "out" / "signed.verify.json").read_text())["checks"]}
+    assert checks["sb.digest"] == "pass" and checks["sb.chain"] == "skip", checks
     manifest = (tmp_path / "out" / "signed.manifest.json").read_text()
     assert "db.key" not in manifest and "PRIVATE" not in manifest
     assert hashlib.sha256(cert.read_bytes()).hexdigest() in manifest
@@ -132,6 +140,17 @@ def test_sign_prebuilt_loader_offline_sbverify_and_replace_warning(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "already signed" in again.stderr and "replaces its signature" in again.stderr
     assert _esp(tmp_path / "out2", "signed")["files"] == esp["files"]      # same signed bytes
+
+
+def test_signed_loader_starting_an_unsigned_kernel_fails_the_self_check(tmp_path):
+    """A signed loader makes the self-check judge the chain: the unsigned kernel it starts
+    would be refused under Secure Boot, so the build fails naming it (sb.signed) and publishes
+    nothing under the final name."""
+    _keypair(tmp_path / "k")
+    recipe = _efi_sign_recipe(tmp_path, "k/db.key", "k/db.crt", sign_kernel=False)
+    res = cli("build", recipe, "-o", tmp_path / "out")
+    assert res.returncode == 1 and "sb.signed" in res.stderr and "/vmlinuz" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out" / "signed.raw").exists()
 
 
 def test_sign_bad_keys_through_the_build(tmp_path):
@@ -378,6 +397,9 @@ def test_uki_own_keys_boot_reproducible_and_wrong_key_refused(tmp_path, cache_en
     recipe = _uki_recipe(tmp_path, "keys/db.key", "keys/db.crt")
     a = _build(recipe, tmp_path / "a", cache_env) / "uki-own-key.raw"
     b = _build(recipe, tmp_path / "b", cache_env) / "uki-own-key.raw"
+    # the self-check judged the UKI against the recipe's own db cert
+    checks = {c["id"]: c["result"] for c in json.loads((tmp_path / "a" / "uki-own-key.verify.json").read_text())["checks"]}
+    assert checks["sb.chain"] == "pass" and checks["sb.digest"] == "pass", checks
     assert diskcheck.sha256_file(a) == diskcheck.sha256_file(b)
     esp = _esp(tmp_path / "a", "uki-own-key")
     uki = tmp_path / "uki.efi"
