@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import lzma
 import marshal
+import os
 import queue
 import re
 import threading
@@ -49,8 +50,8 @@ class Index:
         hit = self.db.execute("SELECT off, len FROM packages WHERE name = ?", (name,)).fetchone()
         if hit is None:
             return None
-        self._rows.seek(hit[0])
-        pkg, version, arch, filename, sha, size, depends = marshal.loads(self._rows.read(hit[1]))
+        record = os.pread(self._rows.fileno(), hit[1], hit[0])     # no shared file position
+        pkg, version, arch, filename, sha, size, depends = marshal.loads(record)
         text = [f.strip(b" ").decode("utf-8", "replace")
                 for f in (version, arch, filename, sha, depends)]
         return (pkg.decode("utf-8", "replace"), *text[:4], size, text[4])
