@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence
 
 # Measured on a shared 2-core TCG host: both scenarios at once took 0.70x and 0.61x the
 # time of one after the other (74.9 s vs 107.6 s, 55.5 s vs 90.8 s); a booting guest keeps
-# about one vCPU busy, so one core per boot is enough to gain.
+# about one vCPU busy, so one core per boot is enough to gain. With one vCPU per concurrent
+# guest: 0.51-0.80x (median 0.66x over five pairs at load 5-14, README "Benchmarks").
 CONCURRENT_MIN_CORES_PER_BOOT = 1
 # vCPUs per guest. Under TCG every vCPU is a host thread: two 2-vCPU guests at once are four
 # threads on two cores, and cross-vCPU work (secondary bring-up, TLB shootdowns) makes each
