@@ -75,7 +75,7 @@ def judge(blob: Blob, arch: str, via: str) -> tuple:
 
 BANNER_RE = re.compile(rb"Linux version (\d+\.\d+[0-9A-Za-z.+_~-]*) \(")
 BANNER_SCAN_LIMIT = 128 << 20
-BANNER_CHUNK = 8 << 20
+BANNER_CHUNK = 4 << 20
 BANNER_PREFIX = b"Linux version "
 BANNER_OVERLAP = 256
 
