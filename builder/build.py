@@ -218,7 +218,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                 layout = prepare_root(ctx, layout)
             image_tmp = staging.temp_path(f"{recipe.name}.raw")
             with ctx.stage("assembly"):
-                write_image(layout, image_tmp)
+                extents = write_image(layout, image_tmp)
             with ctx.stage("self-check"):
                 from builder.verify import verify_image
                 # a UKI signed with the recipe's own key is judged against that key's cert (the
@@ -256,7 +256,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                 staging.write_text(f"{recipe.name}.manifest.json", canonical_json(manifest))
                 staging.write_text(f"{recipe.name}.verify.json", report_json)
                 if recipe.output.bmap:
-                    staging.write_text(f"{recipe.name}.bmap", bmap_xml(image_tmp))
+                    staging.write_text(f"{recipe.name}.bmap", bmap_xml(image_tmp, extents))
                 if recipe.output.direct:
                     _stage_direct(staging, recipe.name, ctx.direct)
             outputs = staging.commit()

@@ -377,7 +377,11 @@ def test_concurrent_checks_match_sequential(fq):
     from builder.run import bootcheck
     fq(OK_PLAN)
     seq = bootcheck.run_checks(fq.image, arch="aarch64", timeout=60, concurrent=False)
+    args = (fq.rec / "args").read_text().splitlines()
+    assert args[args.index("-smp") + 1] == "2" and seq["cpus"] == 2
     par = bootcheck.run_checks(fq.image, arch="aarch64", timeout=60, concurrent=True)
+    args = (fq.rec / "args").read_text().splitlines()     # one vCPU per concurrent guest
+    assert args[args.index("-smp") + 1] == "1" and par["cpus"] == 1
     assert par["concurrent"] and not seq["concurrent"]
     assert [s["scenario"] for s in par["scenarios"]] == ["gicv2-acpi", "gicv3-dt"]
     assert [(c.id, c.result) for c in par["checks"]] == [(c.id, c.result) for c in seq["checks"]]

@@ -314,6 +314,7 @@ def _coldplug_script(text: str, sysroot: Path, log: Path) -> str:
     start = text.index("loaded=0 new=0")
     end = text.index('echo "armvm-init: loaded')
     body = text[start:end + text[end:].index("\n")].replace("/sys/", f"{sysroot}/")
+    body = body.replace("/tmp/.modalias", f"{sysroot}.modalias")
     net = sysroot / "bus/virtio/devices/virtio0"
     return (f'insmod() {{ echo "${{1##*/}}" >> {log}; case "$1" in *virtio_mmio*) '
             f'mkdir -p {net} && echo virtio:d00000001v00001AF4 > {net}/modalias ;; esac; }}\n'

@@ -5,7 +5,7 @@ import errno
 import os
 from pathlib import Path
 
-from builder.disk.rawio import copy_sparse_into
+from builder.disk.rawio import copy_sparse_into, record
 
 from builder.errors import ArmvmError
 from builder.disk.layout import Layout
@@ -25,8 +25,10 @@ def space_needed(layout: Layout) -> int:
     return total
 
 
-def write_image(layout: Layout, path: Path) -> None:
-    """Create `path` as a sparse file of the disk's size and write GPT + FAT32 into it.
+def write_image(layout: Layout, path: Path) -> list:
+    """Create `path` as a sparse file of the disk's size and write GPT + FAT32 into it;
+    returns the (start, end) byte ranges written (sorted, merged): every byte outside
+    them is a hole, so the block map needs no scan of the file.
 
     Nothing but metadata and file data is written: every other block stays a hole. A full
     disk (ENOSPC, quota, file size limit) is a clean error naming the folder and the space
@@ -48,27 +50,29 @@ def write_image(layout: Layout, path: Path) -> None:
             if exc.errno in DISK_FULL:
                 raise _full(path, layout, exc) from None
             raise ArmvmError(f"cannot size {path} to {layout.disk_bytes} bytes: {exc.strerror}")
-        try:
-            write_gpt(f, sector_size=ss, disk_sectors=layout.disk_sectors,
-                      disk_guid=layout.disk_guid,
-                      partitions=[GptPartition(p.type_guid, p.unique_guid, p.first_lba,
-                                               p.last_lba, p.name) for p in layout.partitions])
-            for p in layout.partitions:
-                if p.content is not None:       # a file system image made beforehand (root)
-                    copy_sparse_into(f.fileno(), p.offset(ss), p.content, p.size(ss),
-                                     f"partition {p.number} ({p.name})")
-                if p.kind != "esp":
-                    continue
-                write_fat32(f, offset=p.offset(ss), volume_bytes=p.size(ss), sector_size=ss,
-                            files=[FatFile(x.dest, x.source, x.size) for x in p.files],
-                            label=p.label, serial=p.serial, timestamp=layout.timestamp)
-            f.flush()
-        except OSError as exc:
-            if exc.errno in DISK_FULL:
-                raise _full(path, layout, exc) from None
-            raise ArmvmError(f"cannot write {path}: {exc.strerror}") from None
+        with record(f.fileno()) as extents:
+            try:
+                write_gpt(f, sector_size=ss, disk_sectors=layout.disk_sectors,
+                          disk_guid=layout.disk_guid,
+                          partitions=[GptPartition(p.type_guid, p.unique_guid, p.first_lba,
+                                                   p.last_lba, p.name) for p in layout.partitions])
+                for p in layout.partitions:
+                    if p.content is not None:       # a file system image made beforehand (root)
+                        copy_sparse_into(f.fileno(), p.offset(ss), p.content, p.size(ss),
+                                         f"partition {p.number} ({p.name})")
+                    if p.kind != "esp":
+                        continue
+                    write_fat32(f, offset=p.offset(ss), volume_bytes=p.size(ss), sector_size=ss,
+                                files=[FatFile(x.dest, x.source, x.size) for x in p.files],
+                                label=p.label, serial=p.serial, timestamp=layout.timestamp)
+                f.flush()
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    raise _full(path, layout, exc) from None
+                raise ArmvmError(f"cannot write {path}: {exc.strerror}") from None
         # No fsync: publication is atomic by rename (an interrupted build leaves only a temp
         # file); durability across power loss is the caller's `sync`, as with genimage/mkfs.
+        return extents.merged()
 
 
 def _full(path: Path, layout: Layout, exc: OSError) -> ArmvmError:

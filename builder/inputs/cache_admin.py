@@ -16,7 +16,7 @@ from typing import Optional
 
 from builder.inputs.cache import STAMP, TMP_STALE_SECONDS, TREES, _rmtree
 
-_DERIVED_RE = re.compile(r"^(?:deb|debidx1)-([0-9a-f]{64})$")
+_DERIVED_RE = re.compile(r"^(?:deb|debidx\d+)-([0-9a-f]{64})$")
 
 
 @dataclass

@@ -38,10 +38,11 @@ def mapped_ranges(path: Path) -> Iterator[Tuple[int, int]]:
             pos = end
 
 
-def _block_ranges(path: Path, block: int) -> List[Tuple[int, int]]:
-    """Mapped ranges as inclusive block numbers, adjacent ranges merged."""
+def _block_ranges(path: Path, block: int, extents=None) -> List[Tuple[int, int]]:
+    """Mapped ranges as inclusive block numbers, adjacent ranges merged: the (start, end)
+    byte ``extents`` the writer reports, else what SEEK_DATA/SEEK_HOLE find."""
     out: List[Tuple[int, int]] = []
-    for start, end in mapped_ranges(path):
+    for start, end in (mapped_ranges(path) if extents is None else extents):
         first, last = start // block, (end - 1) // block
         if out and first <= out[-1][1] + 1:
             out[-1] = (out[-1][0], max(out[-1][1], last))
@@ -62,11 +63,13 @@ def _hash_range(f, h, start: int, end: int) -> None:
         left -= len(chunk)
 
 
-def bmap_xml(path: Path) -> str:
-    """A bmap file (version 2.0, sha256) for the sparse image at `path`."""
+def bmap_xml(path: Path, extents=None) -> str:
+    """A bmap file (version 2.0, sha256) for the sparse image at `path`. ``extents``: the
+    (start, end) byte ranges the image writer wrote (bytes outside them are zero); then the
+    map does not depend on how the file system reports holes, and no scan is needed."""
     size = path.stat().st_size
     blocks = -(-size // BMAP_BLOCK)
-    ranges = _block_ranges(path, BMAP_BLOCK)
+    ranges = _block_ranges(path, BMAP_BLOCK, extents)
     lines, mapped = [], 0
     with open(path, "rb") as f:
         for first, last in ranges:

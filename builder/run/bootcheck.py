@@ -15,8 +15,16 @@ from typing import List, Optional, Sequence
 
 # Measured on a shared 2-core TCG host: both scenarios at once took 0.70x and 0.61x the
 # time of one after the other (74.9 s vs 107.6 s, 55.5 s vs 90.8 s); a booting guest keeps
-# about one vCPU busy, so one core per boot is enough to gain.
+# about one vCPU busy, so one core per boot is enough to gain. With one vCPU per concurrent
+# guest: 0.51-0.80x (median 0.66x over five pairs at load 5-14, README "Benchmarks").
 CONCURRENT_MIN_CORES_PER_BOOT = 1
+# vCPUs per guest. Under TCG every vCPU is a host thread: two 2-vCPU guests at once are four
+# threads on two cores, and cross-vCPU work (secondary bring-up, TLB shootdowns) makes each
+# slower. Concurrent boots therefore give each guest one vCPU, so each keeps one core; the
+# matrix judges GIC, ACPI/DT, virtio transports and power-off, none of which needs a second
+# vCPU (PSCI is checked statically, os.psci). Alone, a guest keeps the runner's default 2.
+CONCURRENT_CPUS = 1
+SEQUENTIAL_CPUS = 2
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ def check_arch(image: Path, arch: str) -> None:
 
 
 def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, verbose, log_dir,
-         log_stem, cancel=None, secure_boot=None) -> tuple:
+         log_stem, cancel=None, secure_boot=None, cpus: int = 2) -> tuple:
     from builder.run.boot import boot_image
     from builder.verify.runtime import parse_runtime_report, runtime_checks
     task = progress.boot(sc.name) if progress is not None else None
@@ -73,7 +81,7 @@ def _one(image, sc: Scenario, arch: str, timeout: float, qemu_args, progress, ve
                          acpi=sc.acpi if arch == "aarch64" else None, extra_virtio=sc.balloon,
                          qemu_args=qemu_args, on_line=lambda ln: [f(ln) for f in lines],
                          on_event=task.on_event if task else None, log_path=log,
-                         cancel=cancel, secure_boot=secure_boot)
+                         cancel=cancel, secure_boot=secure_boot, cpus=cpus)
     finally:
         if task is not None:
             task.done()
@@ -115,15 +123,18 @@ def can_run_concurrently(n: int, memory_mb: int = 1024) -> bool:
 def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[str] = (),
                progress=None, verbose: bool = False, log_dir: Optional[Path] = None,
                log_stem: str = "image", concurrent: Optional[bool] = None,
-               secure_boot: Optional[str] = None) -> dict:
+               secure_boot: Optional[str] = None, cpus: Optional[int] = None) -> dict:
     """Boot each scenario; returns {"scenarios": [...], "checks": [Check...], "ok": bool}.
-    concurrent None decides by cores and memory (can_run_concurrently)."""
+    concurrent None decides by cores and memory (can_run_concurrently); cpus None gives
+    each guest CONCURRENT_CPUS or SEQUENTIAL_CPUS vCPUs."""
     from builder.run.boot import signals_as_interrupt
     scs = scenarios(arch)
     if concurrent is None:
         concurrent = can_run_concurrently(len(scs))
     cancel = threading.Event()
-    args = (arch, timeout, qemu_args, progress, verbose, log_dir, log_stem, cancel, secure_boot)
+    if cpus is None:     # concurrent: one vCPU (one TCG thread) per guest, one core each
+        cpus = CONCURRENT_CPUS if concurrent else SEQUENTIAL_CPUS
+    args = (arch, timeout, qemu_args, progress, verbose, log_dir, log_stem, cancel, secure_boot, cpus)
     with signals_as_interrupt():
         if concurrent:
             from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +149,7 @@ def run_checks(image: Path, *, arch: str, timeout: float, qemu_args: Sequence[st
     results = [r for r, _ in done]
     merged = _merge([c for _, cs in done for c in cs])
     ok = all(r["ok"] for r in results) and all(c.result != "fail" for c in merged)
-    return {"image": str(image), "arch": arch, "ok": ok, "concurrent": bool(concurrent),
+    return {"image": str(image), "arch": arch, "ok": ok, "concurrent": bool(concurrent), "cpus": cpus,
             "scenarios": results, "checks": merged}
 
 

@@ -7,6 +7,7 @@ clusters; directory walks track visited clusters; LFN runs are at most 20 entrie
 from __future__ import annotations
 
 import array
+import bisect
 import struct
 import sys
 from dataclasses import dataclass
@@ -347,23 +348,39 @@ class FatVolume:
 class FatFile(Blob):
     def __init__(self, vol: FatVolume, clusters: list, size: int):
         self.vol, self.clusters, self.size = vol, clusters, size
+        self._runs = None
+
+    def runs(self) -> tuple:
+        """(file offsets, first clusters, lengths) of the physically contiguous cluster runs,
+        found once, so a read walks runs instead of single clusters."""
+        if self._runs is None:
+            starts, firsts, counts, c = [], [], [], self.clusters
+            i, n = 0, len(c)
+            while i < n:
+                j = i + 1
+                while j < n and c[j] == c[j - 1] + 1:
+                    j += 1
+                starts.append(i * self.vol.cluster_bytes)
+                firsts.append(c[i])
+                counts.append(j - i)
+                i = j
+            self._runs = (starts, firsts, counts)
+        return self._runs
 
     def read_at(self, offset: int, length: int) -> bytes:
         n = self._clamp(offset, length)
         out, pos, cb = [], offset, self.vol.cluster_bytes
+        starts, firsts, counts = self.runs() if n > 0 else ((), (), ())
+        k = bisect.bisect_right(starts, pos) - 1
         while n > 0:
-            idx, inner = divmod(pos, cb)
-            run = 1             # coalesce physically contiguous clusters
-            while (idx + run < len(self.clusters) and run * cb - inner < n
-                   and self.clusters[idx + run] == self.clusters[idx] + run):
-                run += 1
-            take = min(n, run * cb - inner)
-            data = self.vol.blob.read_at(self.vol.cluster_offset(self.clusters[idx]) + inner,
-                                         take)
-            out.append(data + b"\0" * (take - len(data)))
+            inner = pos - starts[k]
+            take = min(n, counts[k] * cb - inner)
+            data = self.vol.blob.read_at(self.vol.cluster_offset(firsts[k]) + inner, take)
+            out.append(data + b"\0" * (take - len(data)) if len(data) < take else data)
             pos += take
             n -= take
-        return b"".join(out)
+            k += 1
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 def sanity(vol: FatVolume) -> list:

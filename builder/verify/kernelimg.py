@@ -76,6 +76,8 @@ def judge(blob: Blob, arch: str, via: str) -> tuple:
 BANNER_RE = re.compile(rb"Linux version (\d+\.\d+[0-9A-Za-z.+_~-]*) \(")
 BANNER_SCAN_LIMIT = 128 << 20
 BANNER_CHUNK = 4 << 20
+BANNER_PREFIX = b"Linux version "
+BANNER_OVERLAP = 256
 
 
 def banner_version(blob: Blob) -> Optional[str]:
@@ -84,14 +86,24 @@ def banner_version(blob: Blob) -> Optional[str]:
     kind, karch = describe(blob)
     if karch not in ("aarch64", None):
         return None
-    tail, pos, end = b"", 0, min(blob.size, BANNER_SCAN_LIMIT)
+    # bytes.find (a C string search) finds the fixed prefix; the regex judges only there.
+    # Consecutive reads overlap by BANNER_OVERLAP bytes so a banner cut by a chunk
+    # boundary is read whole by the next chunk.
+    pos, end = 0, min(blob.size, BANNER_SCAN_LIMIT)
     while pos < end:
-        data = tail + blob.read_at(pos, min(BANNER_CHUNK, end - pos))
-        if len(data) == len(tail):
+        data = blob.read_at(pos, min(BANNER_CHUNK, end - pos))
+        if not data:
             break
-        m = BANNER_RE.search(data)
-        if m:
-            return m.group(1).decode("ascii")
-        pos += len(data) - len(tail)
-        tail = data[-256:]
+        last = pos + len(data) >= end
+        i = data.find(BANNER_PREFIX)
+        while i >= 0:
+            m = BANNER_RE.match(data, i)
+            if m and (last or m.end() < len(data)):
+                return m.group(1).decode("ascii")
+            if not last and i > len(data) - BANNER_OVERLAP:
+                break               # maybe cut: judged again by the next, overlapping read
+            i = data.find(BANNER_PREFIX, i + 1)
+        if last or len(data) <= BANNER_OVERLAP:
+            break
+        pos += len(data) - BANNER_OVERLAP
     return None

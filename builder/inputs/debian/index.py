@@ -1,6 +1,9 @@
 """The Packages index: a Packages file (xz, gz or plain) scanned once into a small SQLite
-file (name -> newest entry, virtual name -> providers), cached by the compressed file's
-sha256 so a warm lookup takes well under a millisecond.
+file (name -> where its newest entry lies in ``packages.rows``, virtual name -> providers),
+cached by the compressed file's sha256 so a warm lookup takes well under a millisecond.
+The entries themselves are appended to ``packages.rows`` (one marshal record each) as they
+come: SQLite's B-tree then holds 68,000 short keys instead of 30 MB of rows, which took
+about a third of a cold index's CPU time.
 
 The scan is a stream: compressed bytes go in as they arrive (from the network or the
 cache), are decompressed in bounded pieces (the decoder releases the GIL) and handed to a
@@ -10,7 +13,10 @@ download never becomes an index.
 """
 from __future__ import annotations
 
+import errno
 import lzma
+import marshal
+import os
 import queue
 import re
 import threading
@@ -21,10 +27,11 @@ from urllib.parse import quote
 
 from builder.errors import ArmvmError
 
-INDEX_FORMAT = "debidx1"
+INDEX_FORMAT = "debidx2"
 INDEX_FIELDS = ("Package", "Version", "Architecture", "Filename", "SHA256", "Size", "Depends",
                 "Provides")
 MAX_PARAGRAPH = 16 * 1024 * 1024  # one package's paragraph
+ROWS_FILE = "packages.rows"       # the entries, beside packages.sqlite
 PIECE = 1024 * 1024               # decompressed bytes handed to the parser at a time
 XZ_MEMLIMIT = 256 * 1024 * 1024
 
@@ -36,10 +43,18 @@ class Index:
         import sqlite3
         self.db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True)
         self.db.text_factory = lambda b: b.decode("utf-8", "replace")
+        self._rows = open(path.with_name(ROWS_FILE), "rb")
 
     def get(self, name: str) -> tuple | None:
-        return self.db.execute("SELECT name, version, architecture, filename, sha256, size, "
-                               "depends FROM packages WHERE name = ?", (name,)).fetchone()
+        """(name, version, architecture, filename, sha256, size, depends) or None."""
+        hit = self.db.execute("SELECT off, len FROM packages WHERE name = ?", (name,)).fetchone()
+        if hit is None:
+            return None
+        record = os.pread(self._rows.fileno(), hit[1], hit[0])     # no shared file position
+        pkg, version, arch, filename, sha, size, depends = marshal.loads(record)
+        text = [f.strip(b" ").decode("utf-8", "replace")
+                for f in (version, arch, filename, sha, depends)]
+        return (pkg.decode("utf-8", "replace"), *text[:4], size, text[4])
 
     def names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM packages")]
@@ -262,9 +277,12 @@ class IndexStream:
 
     def _write(self) -> None:
         import sqlite3
-        db = None
+        db = rows_file = None
+        where: dict[bytes, tuple[int, int]] = {}     # name -> (offset, length) in ROWS_FILE
         try:
             db = _create(self.dest / "packages.sqlite")
+            rows_file = open(self.dest / ROWS_FILE, "wb")
+            off = 0
             while True:
                 batch = self._batches.get()
                 if batch is None:
@@ -273,9 +291,15 @@ class IndexStream:
                     continue                    # drain, so the parser never blocks
                 rows, pairs = batch
                 self._rows += len(rows)
-                db.executemany(_INSERT_PACKAGE, rows)
+                records = [marshal.dumps(row) for row in rows]
+                for row, rec in zip(rows, records):
+                    where[row[0]] = (off, len(rec))   # a newer version of a name replaces it
+                    off += len(rec)
+                rows_file.write(b"".join(records))
                 db.executemany(_INSERT_PROVIDES, pairs)
             if self._error is None:
+                rows_file.close()
+                db.executemany(_INSERT_PACKAGE, sorted((k, *v) for k, v in where.items()))
                 db.execute("CREATE INDEX provides_virtual ON provides (virtual)")
                 db.commit()
         except sqlite3.Error as e:
@@ -283,10 +307,14 @@ class IndexStream:
             while self._batches.get() is not None:
                 pass
         except BaseException as e:
+            if isinstance(e, OSError) and self._error is None:
+                e = _sqlite_error(e, self.dest, self._rows, self.what)
             self._error = self._error or e
             while self._batches.get() is not None:
                 pass
         finally:
+            if rows_file is not None:
+                rows_file.close()
             if db is not None:
                 db.close()
 
@@ -305,18 +333,17 @@ def build_index(packages_file: Path, compression: str, dest: Path, max_bytes: in
 
 
 def _sqlite_error(e: Exception, dest: Path, rows: int, what: str) -> ArmvmError:
-    full = "full" in str(e) or "disk I/O" in str(e)
+    full = "full" in str(e) or "disk I/O" in str(e) or \
+        getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     return ArmvmError(f"{what}: cannot write its index in {dest}: {e}"
                       + ("; free space there, run `armvm-build cache prune`, or set "
                          "ARMVM_CACHE_DIR to a larger disk (the index takes about "
                          f"{max(rows, 70000) * 350 / (1 << 20):.0f} MiB)" if full else ""))
 
 
-# The scan keeps bytes; SQLite makes them text (CAST, TRIM) without a Python call per field
-# (the reader decodes with errors="replace"). A newer version of a name replaces the row.
-_INSERT_PACKAGE = ("INSERT OR REPLACE INTO packages VALUES (CAST(? AS TEXT), TRIM(CAST(? AS TEXT)), "
-                   "TRIM(CAST(? AS TEXT)), TRIM(CAST(? AS TEXT)), TRIM(CAST(? AS TEXT)), ?, "
-                   "TRIM(CAST(? AS TEXT)))")
+# Names are kept as bytes and made text by SQLite (CAST), without a Python call per name
+# (the reader decodes with errors="replace"); they go in sorted, so the B-tree grows in order.
+_INSERT_PACKAGE = "INSERT INTO packages VALUES (CAST(? AS TEXT), ?, ?)"
 _INSERT_PROVIDES = "INSERT INTO provides VALUES (CAST(? AS TEXT), CAST(? AS TEXT))"
 
 
@@ -325,7 +352,7 @@ def _create(path: Path):
     db = sqlite3.connect(str(path))
     db.execute("PRAGMA journal_mode = OFF")
     db.execute("PRAGMA synchronous = OFF")
-    db.execute("CREATE TABLE packages (name TEXT PRIMARY KEY, version TEXT, architecture "
-               "TEXT, filename TEXT, sha256 TEXT, size INTEGER, depends TEXT)")
+    db.execute("CREATE TABLE packages (name TEXT PRIMARY KEY, off INTEGER, len INTEGER) "
+               "WITHOUT ROWID")
     db.execute("CREATE TABLE provides (virtual TEXT, provider TEXT)")
     return db
