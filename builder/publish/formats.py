@@ -1,0 +1,197 @@
+"""Other forms of the finished raw image: qcow2, zstd- and xz-compressed raw.
+
+Each writer reads the sparse raw image (holes are fed from a zero buffer or skipped, never
+read from disk) and writes one file the caller got from the staging area, so a failure
+leaves nothing under a final name.
+
+- qcow2: written here, in Python, from the raw image's data ranges (QEMU's
+  docs/interop/qcow2.txt, version 3 = compat 1.1, 64 KiB clusters, 16-bit refcounts).
+  Only clusters holding non-zero bytes are allocated; the data clusters come first in
+  guest order, then the L2 tables, the L1 table, the refcount blocks and their table.
+  Nothing depends on the clock or the host, so the bytes are reproducible.
+  `qemu-img convert -O qcow2` is as deterministic (two runs compared); the bench
+  (bench/outputs_bench.py) times both.
+- raw.zst: python-zstandard with worker threads; zstd's multi-threaded format is the same
+  for any number of workers >= 1, so the bytes do not depend on the machine.
+- raw.xz: the `xz` tool with `-T0` (multi-threaded; since xz 5.4 the output is the same
+  for every thread count, checked for 2 and 4); Python's lzma is single-threaded and
+  measured ~2x slower here.
+
+The image's .bmap describes the uncompressed image; `bmaptool copy --bmap <name>.bmap
+<name>.raw.zst DEV` decompresses on the fly and checks it block by block (tested).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+from builder.errors import ArmvmError
+from builder.publish.output import mapped_ranges
+
+FORMATS = ("raw", "qcow2", "raw.zst", "raw.xz")
+CHUNK = 1 << 20
+
+# qcow2 (docs/interop/qcow2.txt)
+QCOW_MAGIC = b"QFI\xfb"
+CLUSTER_BITS = 16
+CLUSTER = 1 << CLUSTER_BITS
+REFCOUNT_ORDER = 4                                  # 16-bit refcounts
+L2_ENTRIES = CLUSTER // 8
+REFS_PER_BLOCK = CLUSTER * 8 // (1 << REFCOUNT_ORDER)
+OFLAG_COPIED = 1 << 63                              # refcount is exactly one
+HEADER_V3 = 104
+ZSTD_LEVEL = 3
+XZ_PRESET = "-6"
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def stream(path: Path) -> Iterator[bytes]:
+    """The whole image in order, holes as zero chunks (never read from the disk)."""
+    zeros = bytes(CHUNK)
+    size, pos = path.stat().st_size, 0
+    with open(path, "rb") as f:
+        for start, end in list(mapped_ranges(path)) + [(size, size)]:
+            while pos < start:
+                n = min(start - pos, CHUNK)
+                yield zeros if n == CHUNK else zeros[:n]
+                pos += n
+            f.seek(pos)
+            while pos < end:
+                chunk = f.read(min(end - pos, CHUNK))
+                if not chunk:
+                    raise ArmvmError(f"{path}: the image shrank while it was being read")
+                yield chunk
+                pos += len(chunk)
+
+
+def _data_clusters(path: Path) -> Iterator[Tuple[int, bytes]]:
+    """(guest cluster index, bytes) of every cluster holding a non-zero byte, in order."""
+    size = path.stat().st_size
+    zero = bytes(CLUSTER)
+    seen = -1
+    with open(path, "rb") as f:
+        for start, end in mapped_ranges(path):
+            first, last = start // CLUSTER, (end - 1) // CLUSTER
+            for idx in range(max(first, seen + 1), last + 1):
+                f.seek(idx * CLUSTER)
+                data = f.read(min(CLUSTER, size - idx * CLUSTER))
+                seen = idx
+                if data != zero[:len(data)]:
+                    yield idx, data.ljust(CLUSTER, b"\0")
+
+
+def write_qcow2(raw: Path, dest: Path) -> None:
+    """Write `raw` as a qcow2 v3 image at `dest` (an existing, empty staging file)."""
+    size = raw.stat().st_size
+    l1_size = _ceil(size, CLUSTER * L2_ENTRIES)
+    mapping: Dict[int, int] = {}                      # guest cluster -> host cluster
+    with open(dest, "r+b") as out:
+        out.seek(CLUSTER)                              # cluster 0: the header, written last
+        host = 1
+        for idx, data in _data_clusters(raw):
+            out.write(data)
+            mapping[idx] = host
+            host += 1
+        l2_used = sorted({idx // L2_ENTRIES for idx in mapping})
+        l2_at = {n: host + i for i, n in enumerate(l2_used)}
+        host += len(l2_used)
+        l1_at, l1_clusters = host, _ceil(l1_size * 8, CLUSTER)
+        host += l1_clusters
+        # refcount blocks cover every cluster including themselves and their table
+        blocks = table_clusters = 1
+        while True:
+            total = host + table_clusters + blocks
+            need_blocks = _ceil(total, REFS_PER_BLOCK)
+            need_table = _ceil(need_blocks * 8, CLUSTER)
+            if (need_blocks, need_table) == (blocks, table_clusters):
+                break
+            blocks, table_clusters = need_blocks, need_table
+        rt_at = host
+        rb_at = rt_at + table_clusters
+        total = rb_at + blocks
+        for n in l2_used:
+            l2 = bytearray(CLUSTER)
+            for i in range(L2_ENTRIES):
+                h = mapping.get(n * L2_ENTRIES + i)
+                if h is not None:
+                    struct.pack_into(">Q", l2, i * 8, (h * CLUSTER) | OFLAG_COPIED)
+            out.write(l2)
+        l1 = bytearray(l1_clusters * CLUSTER)
+        for n in l2_used:
+            struct.pack_into(">Q", l1, n * 8, (l2_at[n] * CLUSTER) | OFLAG_COPIED)
+        out.write(l1)
+        table = bytearray(table_clusters * CLUSTER)
+        for b in range(blocks):
+            struct.pack_into(">Q", table, b * 8, (rb_at + b) * CLUSTER)
+        out.write(table)
+        refs = bytearray(blocks * CLUSTER)
+        struct.pack_into(f">{total}H", refs, 0, *([1] * total))
+        out.write(refs)
+        header = struct.pack(
+            ">4sIQIIQIIQQIIQQQQII",
+            QCOW_MAGIC, 3, 0, 0,                       # magic, version, no backing file
+            CLUSTER_BITS, size, 0,                     # cluster_bits, size, crypt_method
+            l1_size, l1_at * CLUSTER,                  # l1_size, l1_table_offset
+            rt_at * CLUSTER, table_clusters,           # refcount_table_offset, _clusters
+            0, 0,                                      # nb_snapshots, snapshots_offset
+            0, 0, 0,                                   # incompatible, compatible, autoclear
+            REFCOUNT_ORDER, HEADER_V3)
+        out.seek(0)
+        out.write(header + bytes(8))                   # + the header extension end marker
+        out.truncate(total * CLUSTER)
+
+
+def qemu_img_qcow2(raw: Path, dest: Path) -> None:
+    """The peer: `qemu-img convert` (used by the bench and the tests to compare)."""
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1", str(raw), str(dest)],
+        "qemu-img (Debian package qemu-utils)")
+
+
+def write_zstd(raw: Path, dest: Path, threads: int = -1) -> None:
+    """zstd frame of the whole image, written with worker threads (-1: one per core)."""
+    import zstandard
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads, write_content_size=True)
+    with open(dest, "r+b") as out:
+        with cctx.stream_writer(out, size=raw.stat().st_size, closefd=False) as w:
+            for chunk in stream(raw):
+                w.write(chunk)
+
+
+def write_xz(raw: Path, dest: Path) -> None:
+    """xz of the whole image by `xz -T0` (the kernel reads holes as zeros, cheaply)."""
+    with open(dest, "r+b") as out:
+        run(["xz", "-T0", XZ_PRESET, "--check=crc64", "-c", str(raw)], "xz (Debian package xz-utils)",
+            stdout=out)
+
+
+def run(argv: List[str], what: str, stdout=None) -> None:
+    if shutil.which(argv[0]) is None:
+        raise ArmvmError(f"{argv[0]} is not installed: install {what}")
+    proc = subprocess.run(argv, stdout=stdout if stdout is not None else subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=False)
+    if proc.returncode != 0:
+        raise ArmvmError(f"{' '.join(argv[:2])} failed ({proc.returncode}): "
+                         f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
+
+
+WRITERS = {"qcow2": write_qcow2, "raw.zst": write_zstd, "raw.xz": write_xz}
+
+
+def stage_formats(staging, name: str, raw: Path, formats) -> List[str]:
+    """Write every requested non-raw format under a staging name; returns the final names."""
+    names = []
+    for fmt in formats:
+        if fmt == "raw":
+            continue
+        final = f"{name}.{fmt}"
+        tmp = staging.temp_path(final)
+        WRITERS[fmt](raw, tmp)
+        names.append(final)
+    return names
