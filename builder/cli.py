@@ -76,6 +76,8 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
           output: Path = typer.Option(Path("output"), "-o", "--output", help="Output folder."),
           set_: List[str] = typer.Option([], "--set", help=SET_HELP),
           checksum: bool = typer.Option(False, "--checksum", help="Also write <name>.raw.sha256 (whole image)."),
+          format_: List[str] = typer.Option([], "--format", help="Image file to publish: raw, qcow2, raw.zst or "
+                                            "raw.xz (repeatable or comma-separated; overrides output.formats)."),
           offline: bool = typer.Option(False, "--offline", help="Make no network request (cache, --vendor, lock)."),
           mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror URL (else ARMVM_MIRROR, "
                                                 "the recipe, then the host's apt sources)."),
@@ -94,8 +96,14 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
         overrides = parse_set(set_)
     except ArmvmError as err:
         _usage(err)
+    from builder.publish.formats import FORMATS
+    formats = [f.strip() for arg in format_ for f in arg.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        _usage(ArmvmError(f"--format {bad[0]!r} is not a format we write; allowed: {', '.join(FORMATS)}", exit_code=2))
     try:
         options = BuildOptions(output_dir=output, overrides=overrides, checksum=checksum, offline=offline,
+                               formats=tuple(dict.fromkeys(formats)) or None,
                                mirror=mirror, keyring=keyring, vendor_dirs=tuple(vendor), lock=lock_file,
                                update_lock=update_lock, progress=_progress(quiet or as_json), on_warning=_warn)
         result = do_build(recipe, options)

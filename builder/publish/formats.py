@@ -45,7 +45,8 @@ REFS_PER_BLOCK = CLUSTER * 8 // (1 << REFCOUNT_ORDER)
 OFLAG_COPIED = 1 << 63                              # refcount is exactly one
 HEADER_V3 = 104
 ZSTD_LEVEL = 3
-XZ_PRESET = "-6"
+XZ_LEVEL = 6
+XZ_PIECE = 24 << 20                                  # xz -T0's own block size at -6 (3 x 8 MiB)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -164,11 +165,61 @@ def write_zstd(raw: Path, dest: Path, threads: int = -1) -> None:
                 w.write(chunk)
 
 
-def write_xz(raw: Path, dest: Path) -> None:
-    """xz of the whole image by `xz -T0` (the kernel reads holes as zeros, cheaply)."""
+def chunks(path: Path, size: int) -> Iterator[bytes | None]:
+    """The image in pieces of `size` bytes (the last one shorter); None for a whole piece
+    that lies in a hole (never read)."""
+    total = path.stat().st_size
+    ranges = list(mapped_ranges(path))
+    i = 0
+    with open(path, "rb") as f:
+        for start in range(0, total, size):
+            end = min(start + size, total)
+            while i < len(ranges) and ranges[i][1] <= start:
+                i += 1
+            if (i >= len(ranges) or ranges[i][0] >= end) and end - start == size:
+                yield None
+                continue
+            f.seek(start)
+            data = f.read(end - start)
+            if len(data) != end - start:
+                raise ArmvmError(f"{path}: the image shrank while it was being read")
+            yield data
+
+
+def write_xz(raw: Path, dest: Path, threads: int = 0) -> None:
+    """The image as concatenated .xz streams of XZ_PIECE bytes each (`xz -d` and Python's
+    lzma read them as one file), compressed by Python's lzma in worker threads (it releases
+    the GIL); a piece that is all hole reuses one compressed zero piece instead of
+    compressing zeros again. Pieces are fixed, so the bytes do not depend on the threads."""
+    import lzma
+    from concurrent.futures import ThreadPoolExecutor
+    workers = threads or os.cpu_count() or 1
+    zero_piece = None
+
+    def pack(data: bytes) -> bytes:
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_LEVEL)
+
+    with open(dest, "r+b") as out, ThreadPoolExecutor(workers) as pool:
+        window: List = []
+        for data in chunks(raw, XZ_PIECE):
+            if data is None or data == bytes(len(data)):
+                if zero_piece is None:
+                    zero_piece = pack(bytes(XZ_PIECE))
+                window.append(zero_piece if data is None or len(data) == XZ_PIECE else pack(data))
+            else:
+                window.append(pool.submit(pack, data))
+            while len(window) > 2 * workers:
+                head = window.pop(0)
+                out.write(head if isinstance(head, bytes) else head.result())
+        for head in window:
+            out.write(head if isinstance(head, bytes) else head.result())
+
+
+def xz_tool(raw: Path, dest: Path) -> None:
+    """The peer: `xz -T0` (multi-threaded; since xz 5.4 the same bytes for every thread
+    count). Used by the bench."""
     with open(dest, "r+b") as out:
-        run(["xz", "-T0", XZ_PRESET, "--check=crc64", "-c", str(raw)], "xz (Debian package xz-utils)",
-            stdout=out)
+        run(["xz", "-T0", f"-{XZ_LEVEL}", "-c", str(raw)], "xz (Debian package xz-utils)", stdout=out)
 
 
 def run(argv: List[str], what: str, stdout=None) -> None:
@@ -195,3 +246,11 @@ def stage_formats(staging, name: str, raw: Path, formats) -> List[str]:
         WRITERS[fmt](raw, tmp)
         names.append(final)
     return names
+
+
+def output_names(name: str, formats, sboms) -> dict:
+    """The files a build publishes beyond the manifest itself (for the manifest)."""
+    from builder.publish.sbom import SBOM_FILES
+    return {"images": [f"{name}.{f}" for f in formats],
+            "sbom": [f"{name}.{SBOM_FILES[k][0]}" for k in sboms],
+            "report": f"{name}.report.html"}
