@@ -110,6 +110,10 @@ def boot_chain(manifest: dict) -> List[Tuple[str, str]]:
     """(stage, what) from the firmware to the root file system."""
     esp = next((p for p in manifest["layout"]["partitions"] if p.get("kind") == "esp"), None)
     files = {f.get("role"): f for f in (esp or {}).get("files", [])}
+    for f in (esp or {}).get("files", []):          # a prebuilt loader's kernel/initrd: by path
+        role = {"vmlinuz": "kernel", "initrd.img": "initrd"}.get(f["dest"])
+        if role:
+            files.setdefault(role, f)
     inputs = {i["role"]: i["origin"] for i in manifest.get("inputs", [])}
     loader = files.get("loader")
     chain = [("firmware", "UEFI (AAVMF under QEMU) reads the GPT and the ESP's removable path")]

@@ -105,10 +105,10 @@ def _packages(manifest: dict) -> List[dict]:
             continue                       # a file inside a package already listed
         else:
             key = ("input", origin, item["sha256"])
-            kind, _, where = origin.partition(":")
+            kind = origin.partition(":")[0]
             entry = {"kind": kind, "name": origin, "version": None, "sha256": item["sha256"],
                      "role": item["role"], "license": None, "purl": None,
-                     "download": where if kind in ("https", "http") else None}
+                     "download": None}
             if origin.startswith(("https:", "http:")):
                 entry["download"] = origin
         if key not in seen:
@@ -137,13 +137,18 @@ def spdx_document(manifest: dict) -> dict:
     rels: List[dict] = []
     refs: Dict[str, dict] = {}
 
+    taken: Dict[str, int] = {}
+
     def add(spdxid, pname, *, version=None, sha256=None, purpose="FILE", license_=None, purl=None,
             download=None, comment=None):
+        n = taken[spdxid] = taken.get(spdxid, 0) + 1
+        if n > 1:                                   # two names that sanitize alike stay apart
+            spdxid = f"{spdxid}-{n}"
         expr, used = spdx_expression(license_)
         for r in used:
             refs[r] = {"licenseId": r, "extractedText": f"Debian license name: {license_}",
                        "name": r[len("LicenseRef-"):]}
-        p = {"SPDXID": spdxid, "name": pname, "downloadLocation": "NOASSERTION",
+        p = {"SPDXID": spdxid, "name": pname, "downloadLocation": download or "NOASSERTION",
              "filesAnalyzed": False, "licenseConcluded": "NOASSERTION", "licenseDeclared": expr,
              "copyrightText": "NOASSERTION", "primaryPackagePurpose": purpose}
         if version:
@@ -156,6 +161,7 @@ def spdx_document(manifest: dict) -> dict:
         if comment:
             p["comment"] = comment
         pkgs.append(p)
+        return spdxid
 
     image_id = _sid(f"image-{name}")
     add(image_id, f"{name}.raw", sha256=manifest.get("image_sha256"), purpose="OPERATING-SYSTEM",
@@ -165,20 +171,20 @@ def spdx_document(manifest: dict) -> dict:
     deb_ids = {}
     for e in _packages(manifest):
         sid = _sid(("deb-" if e["kind"] == "deb" else "input-") + e["name"] + (f"-{e['version']}" if e["version"] else ""))
-        add(sid, e["name"], version=e["version"], sha256=e["sha256"],
+        sid = add(sid, e["name"], version=e["version"], sha256=e["sha256"], download=e["download"] if e["kind"] != "deb" else None,
             purpose="INSTALL" if e["kind"] == "deb" else "FILE", license_=e["license"], purl=e["purl"],
             comment=f"role: {e['role']}" + (f"; arch: {e['arch']}; {e['download']}" if e["kind"] == "deb" else ""))
         deb_ids.setdefault(e["role"], []).append(sid)
         rels.append({"spdxElementId": image_id, "relationshipType": "DEPENDS_ON", "relatedSpdxElement": sid})
     for part in manifest["layout"]["partitions"]:
         pid = _sid(f"partition-{part['number']}")
-        add(pid, part.get("name") or f"partition {part['number']}",
+        pid = add(pid, part.get("name") or f"partition {part['number']}",
             comment=f"GPT partition {part['number']}, type {part['type_guid']}, "
                     f"{part['size']} bytes at {part['offset']}, {part.get('filesystem') or 'no file system'}")
         rels.append({"spdxElementId": image_id, "relationshipType": "CONTAINS", "relatedSpdxElement": pid})
         for f in part.get("files", ()):
             fid = _sid(f"file-{part['number']}-{f['dest']}")
-            add(fid, f["dest"], sha256=f["sha256"], comment=f"role: {f['role']}, {f['size']} bytes")
+            fid = add(fid, f["dest"], sha256=f["sha256"], comment=f"role: {f['role']}, {f['size']} bytes")
             rels.append({"spdxElementId": pid, "relationshipType": "CONTAINS", "relatedSpdxElement": fid})
             source_roles = {"kernel": ["kernel"], "loader": ["bootloader"], "initrd": ["busybox", "kernel"]}
             for role in source_roles.get(f["role"], []):
@@ -188,7 +194,7 @@ def spdx_document(manifest: dict) -> dict:
             if f["role"] == "initrd":
                 for mod in manifest.get("initramfs", {}).get("modules", []):
                     mid = _sid(f"module-{mod}")
-                    add(mid, f"{mod}.ko", comment="kernel module in the initramfs")
+                    mid = add(mid, f"{mod}.ko", comment="kernel module in the initramfs")
                     rels.append({"spdxElementId": fid, "relationshipType": "CONTAINS", "relatedSpdxElement": mid})
     doc = {
         "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT",
