@@ -15,12 +15,13 @@ PYTEST_ARGS ?=
 # keyring for the archive; the venv for the Python side; external judges for the tests
 # (sfdisk, sgdisk, fsck.fat, mtools, genimage, bmaptool, losetup, cpio, gpg, gcc for test
 # modules); mmdebstrap + git for make fresh-check; mmdebstrap, qemu-user-static, binfmt-support,
-# arch-test, fakeroot, e2fsprogs and kmod for root file systems. make itself: the README's
+# arch-test, fakeroot, e2fsprogs and kmod for root file systems; qemu-utils (qemu-img) and
+# chromium (headless, renders <name>.report.html in the tests). make itself: the README's
 # prerequisite line.
 SYSTEM_PACKAGES := qemu-system-arm qemu-efi-aarch64 qemu-efi-arm fdisk dosfstools mtools \
 	genimage grub-common bmap-tools gdisk gpgv gnupg debian-archive-keyring xz-utils zstd \
 	python3-venv ca-certificates cpio gcc mount mmdebstrap git \
-	qemu-user-static binfmt-support arch-test fakeroot e2fsprogs kmod qemu-utils
+	qemu-user-static binfmt-support arch-test fakeroot e2fsprogs kmod qemu-utils chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo demo-server test system-deps venv bench clean example fresh-check
