@@ -240,7 +240,9 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
                                             "<image folder>/<name>.boot.log)."),
          verbose: bool = typer.Option(False, "-v", "--verbose", help="Stream the guest console to stderr."),
          quiet: bool = typer.Option(False, "-q", "--quiet", help="No live progress."),
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
+         report: bool = typer.Option(False, "--report", help="Write <name>.report.html beside the image: the "
+                                     "build's report plus the boot timeline and the runtime report.")):
     """Boot an image under QEMU with the AAVMF firmware and report what the guest saw."""
     if arch not in ("auto", "aarch64", "armv7"):
         raise typer.BadParameter("use auto, aarch64 or armv7", param_hint="--arch")
@@ -250,6 +252,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         raise typer.BadParameter("use on or off", param_hint="--acpi")
     if checks and until_login:
         raise typer.BadParameter("--checks boots our marker images; use one of them", param_hint="--until-login")
+    if report and (checks or interactive):
+        raise typer.BadParameter("--report draws one boot; not with --checks or --interactive", param_hint="--report")
     from builder.run import bootcheck
     from builder.run import bootview
     from builder.errors import NotAnImageError
@@ -295,8 +299,17 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         kept = f"console logs kept in {log_path.parent}" if checks else f"console log kept at {log_path}"
         typer.echo(f"armvm-build: interrupted; QEMU stopped, {kept}", err=True)
         raise typer.Exit(130)
+    report_path = None
+    if report:
+        from builder.publish.report_html import publish_boot_report
+        try:
+            report_path = publish_boot_report(image, res.to_json(), res.console)
+        except ArmvmError as err:
+            _fail(err, as_json)
+        except OSError as err:
+            _fail(ArmvmError(f"cannot write the report beside {image}: {err.strerror}"), as_json)
     if as_json:
-        typer.echo(json.dumps(res.to_json(), indent=2))
+        typer.echo(json.dumps({**res.to_json(), **({"report": str(report_path)} if report_path else {})}, indent=2))
     elif interactive:
         typer.echo(res.reason)
     elif res.ok:
@@ -304,6 +317,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         typer.echo(bootview.success_text(res, parse_runtime_report(res.console)))
     else:
         typer.echo(bootview.failure_text(res, until_login=until_login))
+    if report_path is not None and not as_json:
+        typer.echo(f"report: {report_path}")
     raise typer.Exit(0 if res.ok else EXIT_FAILED)
 
 

@@ -10,6 +10,8 @@ The page depends on nothing but its inputs, so a build's report is reproducible.
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -177,13 +179,41 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence], row_class=None, id_
     return "".join(out) + "</table>"
 
 
-def render(manifest: dict, verify: Optional[dict], boot: Optional[dict] = None) -> str:
-    """The page. `boot`: {"ok", "reason", "events", "report": [(key, value)...]} or None."""
+def render(manifest: Optional[dict], verify: Optional[dict], boot: Optional[dict] = None,
+           name: str = "") -> str:
+    """The page. `boot`: {"ok", "reason", "events", "report": [(key, value)...]} or None;
+    without a manifest (an image built elsewhere) only the verify and boot parts."""
+    body: List[str] = []
+    if manifest is not None:
+        name = manifest["recipe"]["name"]
+        body = _build_part(manifest)
+    else:
+        body = [f"<h1>armvm-build report: {e(name)}</h1>",
+                "<p>No build manifest beside the image: layout, boot chain and inputs are not shown.</p>"]
+    if verify is not None:
+        body += _verify_part(verify)
+    if boot is not None:
+        body += ['<h2 id="boot">Boot</h2>',
+                 f"<p>{'booted' if boot.get('ok') else 'FAILED'}: {e(boot.get('reason'))}</p>",
+                 timeline_svg(boot.get("events") or {}),
+                 _table(["milestone", "seconds since QEMU started"],
+                        [[e(k), e(f"{v:.2f}")] for k, v in sorted((boot.get("events") or {}).items(),
+                                                                  key=lambda kv: kv[1])], id_="timeline-table"),
+                 _table(["runtime report", "value"], [[e(k), e(v)] for k, v in boot.get("report", [])],
+                        id_="runtime-table")]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+            f"<title>{e(name)}: armvm-build report</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _build_part(manifest: dict) -> List[str]:
     name = manifest["recipe"]["name"]
     when = datetime.fromtimestamp(manifest["source_date_epoch"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     body = [f"<h1>armvm-build report: {e(name)}</h1>",
             _table(["field", "value"], [
-                ["image", f"<code>{e(name)}.raw</code>"], ["architecture", e(manifest["recipe"]["arch"])],
+                ["image files", ", ".join(f"<code>{e(n)}</code>" for n in
+                                          manifest.get("outputs", {}).get("images", [f"{name}.raw"]))], ["architecture", e(manifest["recipe"]["arch"])],
                 ["tool", e(f"armvm-build {manifest['tool']['version']}")],
                 ["SOURCE_DATE_EPOCH", e(f"{manifest['source_date_epoch']} ({when})")],
                 ["seed", f'<span class="hash">{e(manifest.get("seed"))}</span>'],
@@ -206,25 +236,18 @@ def render(manifest: dict, verify: Optional[dict], boot: Optional[dict] = None) 
     if mods:
         body.append(f"<p>Kernel modules in the initramfs ({len(mods)}): "
                     + ", ".join(f"<code>{e(m)}</code>" for m in mods) + "</p>")
-    if verify is not None:
-        counts = verify.get("summary", {}).get("counts", {})
-        body += ['<h2 id="verify">Verify</h2>',
-                 f"<p>profile {e(verify.get('profile'))}, exit code {e(verify.get('exit_code'))}: "
-                 + ", ".join(f"{e(k)} {e(v)}" for k, v in sorted(counts.items())) + "</p>",
-                 _table(["check", "level", "result", "detail", "requirement"],
-                        [[f"<code>{e(c['id'])}</code>", e(c["level"]), e(c["result"]), e(c.get("detail")),
-                          e(c.get("requirement"))] for c in verify.get("checks", [])],
-                        row_class=lambda r: html.unescape(r[2]), id_="verify-table")]
-    if boot is not None:
-        body += ['<h2 id="boot">Boot</h2>',
-                 f"<p>{'booted' if boot.get('ok') else 'FAILED'}: {e(boot.get('reason'))}</p>",
-                 timeline_svg(boot.get("events") or {}),
-                 _table(["runtime report", "value"], [[e(k), e(v)] for k, v in boot.get("report", [])],
-                        id_="runtime-table")]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-            f"<title>{e(name)}: armvm-build report</title><style>{CSS}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return body
+
+
+def _verify_part(verify: dict) -> List[str]:
+    counts = verify.get("summary", {}).get("counts", {})
+    return ['<h2 id="verify">Verify</h2>',
+            f"<p>profile {e(verify.get('profile'))}, exit code {e(verify.get('exit_code'))}: "
+            + ", ".join(f"{e(k)} {e(v)}" for k, v in sorted(counts.items())) + "</p>",
+            _table(["check", "level", "result", "detail", "requirement"],
+                   [[f"<code>{e(c['id'])}</code>", e(c["level"]), e(c["result"]), e(c.get("detail")),
+                     e(c.get("requirement"))] for c in verify.get("checks", [])],
+                   row_class=lambda r: html.unescape(r[2]), id_="verify-table")]
 
 
 def _origin_name(origin: str) -> str:
@@ -244,3 +267,42 @@ def runtime_lines(console: str) -> List[Tuple[str, str]]:
             key, _, value = line[len("ARMVM-REPORT "):].partition("=")
             out.append((key.strip(), value.strip()))
     return out[:2000]
+
+
+JSON_MAX = 16 << 20
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    """A manifest or verify report beside the image: bounded, never a symlink."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > JSON_MAX:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def publish_boot_report(image: Path, boot: dict, console: str) -> Path:
+    """`boot --report`: <name>.report.html beside the image, with the build's parts (from
+    <name>.manifest.json and <name>.verify.json when they are there) plus the boot
+    timeline and the runtime report; staged and renamed like every output."""
+    from builder.publish.output import Staging
+    stem = image.name[:-4] if image.name.endswith(".raw") else image.name
+    manifest = _read_json(image.parent / f"{stem}.manifest.json")
+    try:
+        if manifest is not None:
+            render(manifest, None)            # a manifest we cannot draw is ignored
+    except (KeyError, TypeError, ValueError, AttributeError):
+        manifest = None
+    verify = _read_json(image.parent / f"{stem}.verify.json")
+    try:
+        if verify is not None:
+            render(None, verify)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        verify = None
+    page = render(manifest, verify, {**boot, "report": runtime_lines(console)}, name=stem)
+    with Staging(image.parent, stem) as staging:
+        staging.write_text(f"{stem}.report.html", page)
+        staging.commit()
+    return image.parent / f"{stem}.report.html"
