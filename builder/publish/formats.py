@@ -9,13 +9,14 @@ leaves nothing under a final name.
   Only clusters holding non-zero bytes are allocated; the data clusters come first in
   guest order, then the L2 tables, the L1 table, the refcount blocks and their table.
   Nothing depends on the clock or the host, so the bytes are reproducible.
-  `qemu-img convert -O qcow2` is as deterministic (two runs compared); the bench
-  (bench/outputs_bench.py) times both.
+  `qemu-img convert -O qcow2` is as deterministic (two runs compared) and allocates the
+  same clusters; the bench (bench/outputs_bench.py) times both.
 - raw.zst: python-zstandard with worker threads; zstd's multi-threaded format is the same
   for any number of workers >= 1, so the bytes do not depend on the machine.
-- raw.xz: the `xz` tool with `-T0` (multi-threaded; since xz 5.4 the output is the same
-  for every thread count, checked for 2 and 4); Python's lzma is single-threaded and
-  measured ~2x slower here.
+- raw.xz: concatenated .xz streams of fixed 24 MiB pieces (xz's own block size at -6),
+  compressed by Python's lzma in worker threads; a piece that is all hole reuses one
+  compressed zero piece. Fixed pieces: the bytes do not depend on the thread count.
+  `xz -T0 -6` (the bench's peer) compresses the zeros of every hole too.
 
 The image's .bmap describes the uncompressed image; `bmaptool copy --bmap <name>.bmap
 <name>.raw.zst DEV` decompresses on the fly and checks it block by block (tested).
@@ -208,7 +209,7 @@ def write_xz(raw: Path, dest: Path, threads: int = 0) -> None:
                 window.append(zero_piece if data is None or len(data) == XZ_PIECE else pack(data))
             else:
                 window.append(pool.submit(pack, data))
-            while len(window) > 2 * workers:
+            while len(window) > workers:            # bounded: about 2 x workers pieces in memory
                 head = window.pop(0)
                 out.write(head if isinstance(head, bytes) else head.result())
         for head in window:
