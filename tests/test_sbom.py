@@ -74,7 +74,12 @@ def test_spdx_debian_packages_purls_licenses_relationships(tmp_path):
     assert grub["checksums"] == [{"algorithm": "SHA256", "checksumValue": "d2" * 32}]
     assert grub["externalRefs"][0]["referenceLocator"] == "pkg:deb/debian/grub-efi-arm64-bin@2.12-9%2Bdeb13u4?arch=arm64"
     assert pk["busybox-static"]["licenseDeclared"] == "NOASSERTION"          # not DEP-5
-    assert "1%3A1.37.0-6%2Bb9" in pk["busybox-static"]["externalRefs"][0]["referenceLocator"]
+    from packageurl import PackageURL                # the reference purl library (cyclonedx's)
+    for p in doc["packages"]:
+        for ref in p.get("externalRefs", []):
+            assert PackageURL.from_string(ref["referenceLocator"]).to_string() == ref["referenceLocator"]
+    busybox = PackageURL.from_string(pk["busybox-static"]["externalRefs"][0]["referenceLocator"])
+    assert (busybox.name, busybox.version, busybox.qualifiers) == ("busybox-static", "1:1.37.0-6+b9", {"arch": "arm64"})
     assert pk["https://example.org/tool.efi"]["downloadLocation"] == "https://example.org/tool.efi"
     assert "file:files/notes.txt" in pk
     ids = {p["name"]: p["SPDXID"] for p in doc["packages"]}

@@ -99,7 +99,7 @@ def _packages(manifest: dict) -> List[dict]:
             key = ("deb", name, version)
             entry = {"kind": "deb", "name": name, "version": version, "arch": parch,
                      "sha256": item["sha256"], "role": item["role"], "license": item.get("license"),
-                     "purl": f"pkg:deb/debian/{quote(name)}@{quote(version, safe='')}?arch={parch}",
+                     "purl": f"pkg:deb/debian/{quote(name)}@{quote(version, safe=':')}?arch={parch}",
                      "download": item["filename"]}
         elif origin.startswith("debian:"):
             continue                       # a file inside a package already listed
