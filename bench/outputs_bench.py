@@ -51,17 +51,17 @@ def run(rows: list, measure) -> None:
             raise RuntimeError(res.stderr[-500:])
         raw = d / "out" / "debian-arm64.raw"
         data = raw.stat().st_blocks * 512
-        rows.append((f"outputs: default image raw ({raw.stat().st_size // MIB} MiB, {data / MIB:.1f} MiB data)",
-                     None, None, ""))
+        rows.append((f"outputs: debian-arm64.raw", None, None,
+                     f"{raw.stat().st_size // MIB} MiB disk, {data / MIB:.1f} MiB data"))
         cases = [
-            ("qcow2", "armvm-build qcow2 writer (Python, in-process)", lambda o: formats.write_qcow2(raw, o),
-             "qemu-img convert -O qcow2 -o compat=1.1",
+            ("qcow2", "ours: qcow2 (Python, in-process)", lambda o: formats.write_qcow2(raw, o),
+             "qemu-img convert -O qcow2",
              lambda o: subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1",
                                        str(raw), str(o)], check=True), runs),
-            ("raw.zst", "armvm-build zstd (zstandard, threads, level 3)", lambda o: formats.write_zstd(raw, o),
+            ("raw.zst", "ours: raw.zst (zstandard threads, -3)", lambda o: formats.write_zstd(raw, o),
              "zstd -T0 -3", lambda o: subprocess.run(["zstd", "-q", "-f", "-T0", "-3", str(raw), "-o", str(o)],
                                                      check=True), runs),
-            ("raw.xz", "armvm-build xz (lzma pieces in threads, -6)", lambda o: formats.write_xz(raw, o),
+            ("raw.xz", "ours: raw.xz (lzma pieces, threads, -6)", lambda o: formats.write_xz(raw, o),
              "xz -T0 -6", lambda o: subprocess.run(["xz", "-T0", "-6", "-c", str(raw)], stdout=open(o, "wb"),
                                                    check=True), 1),
         ]
@@ -72,7 +72,7 @@ def run(rows: list, measure) -> None:
             same = "same bytes" if a.read_bytes() == b.read_bytes() else "other bytes"
             rows.append((f"outputs: {ours_name}", t_ours, None, f"{a.stat().st_size / MIB:.2f} MiB"))
             rows.append((f"outputs: {peer_name}", t_peer, None, f"{b.stat().st_size / MIB:.2f} MiB ({same})"))
-            rows.append((f"outputs: ratio {ext} ours / peer", t_ours / t_peer, None, ""))
+            rows.append((f"outputs: ratio {ext} ours / tool", t_ours / t_peer, None, ""))
     except Exception as exc:          # no archive, no tool: say so, keep the table
         rows.append(("outputs", None, None, f"skipped: {exc}"[:200]))
     finally:
