@@ -271,7 +271,8 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                 write_lock(lock_path(recipe, options), _with_root(archive.make_lock(timestamp),
                                                                   getattr(ctx, "root_pins", None)))
                 outputs.append(lock_path(recipe, options))
-            return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.{formats[0]}", outputs, ctx.stages, report)
+            image = out_dir / f"{recipe.name}.{'raw' if 'raw' in formats else formats[0]}"
+            return BuildResult(True, recipe.name, image, outputs, ctx.stages, report)
         except OSError as exc:
             from builder.publish.output import disk_full_error
             raise disk_full_error(exc, work) from None   # ENOSPC/EDQUOT/EFBIG: a clean error
