@@ -24,9 +24,7 @@ The image's .bmap describes the uncompressed image; `bmaptool copy --bmap <name>
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
@@ -150,12 +148,6 @@ def write_qcow2(raw: Path, dest: Path) -> None:
         out.truncate(total * CLUSTER)
 
 
-def qemu_img_qcow2(raw: Path, dest: Path) -> None:
-    """The peer: `qemu-img convert` (used by the bench and the tests to compare)."""
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1", str(raw), str(dest)],
-        "qemu-img (Debian package qemu-utils)")
-
-
 def write_zstd(raw: Path, dest: Path, threads: int = -1) -> None:
     """zstd frame of the whole image, written with worker threads (-1: one per core)."""
     import zstandard
@@ -214,23 +206,6 @@ def write_xz(raw: Path, dest: Path, threads: int = 0) -> None:
                 out.write(head if isinstance(head, bytes) else head.result())
         for head in window:
             out.write(head if isinstance(head, bytes) else head.result())
-
-
-def xz_tool(raw: Path, dest: Path) -> None:
-    """The peer: `xz -T0` (multi-threaded; since xz 5.4 the same bytes for every thread
-    count). Used by the bench."""
-    with open(dest, "r+b") as out:
-        run(["xz", "-T0", f"-{XZ_LEVEL}", "-c", str(raw)], "xz (Debian package xz-utils)", stdout=out)
-
-
-def run(argv: List[str], what: str, stdout=None) -> None:
-    if shutil.which(argv[0]) is None:
-        raise ArmvmError(f"{argv[0]} is not installed: install {what}")
-    proc = subprocess.run(argv, stdout=stdout if stdout is not None else subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=False)
-    if proc.returncode != 0:
-        raise ArmvmError(f"{' '.join(argv[:2])} failed ({proc.returncode}): "
-                         f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
 
 
 WRITERS = {"qcow2": write_qcow2, "raw.zst": write_zstd, "raw.xz": write_xz}
