@@ -109,6 +109,25 @@ def test_cyclonedx_validates_and_nests_esp_files_and_modules(tmp_path):
     assert [c["name"] for c in files["initrd.img"]["components"]] == ["virtio_blk.ko", "virtio_pci.ko", "virtio_mmio.ko"]
 
 
+def test_root_partition_contains_the_pinned_root_packages(tmp_path):
+    m = json.loads(json.dumps(DEB_MANIFEST))
+    m["inputs"].append({"filename": "pool/main/s/systemd/systemd_257.9-1_arm64.deb", "origin": "debian:systemd=257.9-1",
+                        "role": "rootfs.debian", "sha256": "5e" * 32, "size": 1})
+    m["layout"]["partitions"].append({"number": 2, "kind": "root", "name": "ROOT", "offset": 269484032,
+                                      "size": 267386880, "filesystem": "ext4",
+                                      "type_guid": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+                                      "unique_guid": "11111111-2222-5333-8444-555555555555", "files": []})
+    for kind in ("spdx", "cyclonedx"):
+        suffix, make = sbom.SBOM_FILES[kind]
+        (tmp_path / f"r.{suffix}").write_text(json.dumps(make(m)))
+    doc = validate_spdx(tmp_path / "r.spdx.json")
+    ids = {p["name"]: p["SPDXID"] for p in doc["packages"]}
+    assert {"spdxElementId": ids["ROOT"], "relationshipType": "CONTAINS",
+            "relatedSpdxElement": ids["systemd"]} in doc["relationships"]
+    cdx = validate_cdx(tmp_path / "r.cdx.json")
+    assert {"ref": "partition:2", "dependsOn": ["pkg:deb/debian/systemd@257.9-1?arch=arm64"]} in cdx["dependencies"]
+
+
 def test_license_reader_takes_dep5_only(tmp_path):
     doc = tmp_path / "usr/share/doc"
     (doc / "good").mkdir(parents=True)

@@ -182,6 +182,9 @@ def spdx_document(manifest: dict) -> dict:
             comment=f"GPT partition {part['number']}, type {part['type_guid']}, "
                     f"{part['size']} bytes at {part['offset']}, {part.get('filesystem') or 'no file system'}")
         rels.append({"spdxElementId": image_id, "relationshipType": "CONTAINS", "relatedSpdxElement": pid})
+        if part.get("kind") == "root":                # the root's pinned Debian packages
+            for sid in deb_ids.get("rootfs.debian", []):
+                rels.append({"spdxElementId": pid, "relationshipType": "CONTAINS", "relatedSpdxElement": sid})
         for f in part.get("files", ()):
             fid = _sid(f"file-{part['number']}-{f['dest']}")
             fid = add(fid, f["dest"], sha256=f["sha256"], comment=f"role: {f['role']}, {f['size']} bytes")
@@ -255,6 +258,8 @@ def cyclonedx_document(manifest: dict) -> dict:
             src = sorted({r for role in roles.get(f["role"], []) for r in by_role.get(role, [])})
             if src:
                 deps.append({"ref": fref, "dependsOn": src})
+        if part.get("kind") == "root" and by_role.get("rootfs.debian"):
+            deps.append({"ref": pref, "dependsOn": sorted(by_role["rootfs.debian"])})
         parts.append(comp(pref, "file", part.get("name") or f"partition {part['number']}", components=files or None,
                           properties=[{"name": "armvm-build:type_guid", "value": part["type_guid"]},
                                       {"name": "armvm-build:offset", "value": str(part["offset"])},
