@@ -174,3 +174,21 @@ def test_verify_and_boot_name_our_own_outputs_in_the_hint(built):
             assert proc.returncode == 3, (command, proc.stderr)
             assert hint in proc.stderr, proc.stderr
             assert "Traceback" not in proc.stderr
+
+
+def test_a_failing_format_leaves_the_earlier_good_outputs_untouched(tmp_path, monkeypatch):
+    from builder.errors import ArmvmError
+    _build(tmp_path)
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(raw, dest, **kw):
+        dest.write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(dest))
+    monkeypatch.setitem(formats.WRITERS, "raw.xz", broken)
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(recipe.read_text() + "seed: another\n")          # other GUIDs: other bytes
+    with pytest.raises(ArmvmError) as err:
+        build(recipe, BuildOptions(output_dir=out, cache_dir=tmp_path / "cache", progress=False, environ=ENV))
+    assert str(out) in str(err.value) and "No space left" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before      # nothing new, nothing half-written
