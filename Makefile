@@ -16,12 +16,13 @@ PYTEST_ARGS ?=
 # (sfdisk, sgdisk, fsck.fat, mtools, genimage, bmaptool, losetup, cpio, gpg, gcc for test
 # modules); mmdebstrap + git for make fresh-check; mmdebstrap, qemu-user-static, binfmt-support,
 # arch-test, fakeroot, e2fsprogs and kmod for root file systems; sbsigntool (sbsign, sbverify)
-# judges Secure Boot signatures in the tests. make itself: the README's
+# judges Secure Boot signatures in the tests; qemu-utils (qemu-img) and chromium (headless,
+# renders <name>.report.html in the tests). make itself: the README's
 # prerequisite line.
 SYSTEM_PACKAGES := qemu-system-arm qemu-efi-aarch64 qemu-efi-arm fdisk dosfstools mtools \
 	genimage grub-common bmap-tools gdisk gpgv gnupg debian-archive-keyring xz-utils zstd \
 	python3-venv ca-certificates cpio gcc mount mmdebstrap git \
-	qemu-user-static binfmt-support arch-test fakeroot e2fsprogs kmod qemu-utils sbsigntool
+	qemu-user-static binfmt-support arch-test fakeroot e2fsprogs kmod qemu-utils sbsigntool chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo demo-server test system-deps venv bench clean example fresh-check

@@ -32,6 +32,7 @@ class BuildOptions:
     environ: Optional[Mapping[str, str]] = None
     lock: Optional[Path] = None            # --lock PATH (default: <name>.lock beside the recipe)
     on_warning: Optional[Callable[[str], None]] = None   # called at once for each recipe warning
+    formats: Optional[Sequence[str]] = None   # --format (overrides output.formats): raw, qcow2, raw.zst, raw.xz
 
 
 @dataclass
@@ -229,11 +230,24 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                 report = verify_image(image_tmp, arch=recipe.arch, db=[sign.cert] if own else ())
             report_json = canonical_json(report.to_json())
             ok = report.exit_code() == 0
+            formats = tuple(dict.fromkeys(options.formats or recipe.output.formats))
+            manifest = {
+                "tool": {"name": "armvm-build", "version": __version__},
+                "recipe": {"name": recipe.name, "digest": recipe.digest, "arch": recipe.arch,
+                           "file": recipe.path.name},
+                "source_date_epoch": timestamp, "seed": seed,
+                "inputs": sorted(ctx.inputs, key=lambda i: (i["role"], i["origin"])),
+                "layout": layout.to_json(),
+            }
+            if getattr(ctx, "initramfs_modules", None):
+                manifest["initramfs"] = {"modules": ctx.initramfs_modules}
             if not ok:
                 # published under its own names (temp + rename): the good image's report stays
                 failed = out_dir / f"{recipe.name}.failed.raw"
                 staging.retarget(image_tmp, failed.name)
                 staging.write_text(f"{recipe.name}.failed.verify.json", report_json)
+                from builder.publish.report_html import render
+                staging.write_text(f"{recipe.name}.failed.report.html", render(manifest, report.to_json()))
                 outputs = staging.commit()
                 bad = ", ".join(ch.id for ch in report.checks if ch.level == "MUST" and ch.result == "fail")
                 return BuildResult(False, recipe.name, failed, outputs, ctx.stages, report,
@@ -241,14 +255,8 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                                    f"{recipe.name}.failed.verify.json; the earlier {recipe.name}.raw "
                                    "and its reports are untouched")
             with ctx.stage("outputs"):
-                manifest = {
-                    "tool": {"name": "armvm-build", "version": __version__},
-                    "recipe": {"name": recipe.name, "digest": recipe.digest, "arch": recipe.arch,
-                               "file": recipe.path.name},
-                    "source_date_epoch": timestamp, "seed": seed,
-                    "inputs": sorted(ctx.inputs, key=lambda i: (i["role"], i["origin"])),
-                    "layout": layout.to_json(),
-                }
+                from builder.publish import formats as fmt, report_html, sbom
+                manifest["outputs"] = fmt.output_names(recipe.name, formats, recipe.output.sbom)
                 if options.checksum or recipe.output.checksum:
                     digest = sha256_sparse(image_tmp)
                     manifest["image_sha256"] = digest
@@ -259,13 +267,19 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                     staging.write_text(f"{recipe.name}.bmap", bmap_xml(image_tmp, extents))
                 if recipe.output.direct:
                     _stage_direct(staging, recipe.name, ctx.direct)
+                sbom.stage_sbom(staging, recipe.name, manifest, recipe.output.sbom)
+                staging.write_text(f"{recipe.name}.report.html", report_html.render(manifest, report.to_json()))
+                fmt.stage_formats(staging, recipe.name, image_tmp, formats)
+                if "raw" not in formats:
+                    staging.drop(image_tmp)          # only the other formats are published
             outputs = staging.commit()
             if options.update_lock and archive is not None:
                 from builder.inputs.lock import write_lock
                 write_lock(lock_path(recipe, options), _with_root(archive.make_lock(timestamp),
                                                                   getattr(ctx, "root_pins", None)))
                 outputs.append(lock_path(recipe, options))
-            return BuildResult(True, recipe.name, out_dir / f"{recipe.name}.raw", outputs, ctx.stages, report)
+            image = out_dir / f"{recipe.name}.{'raw' if 'raw' in formats else formats[0]}"
+            return BuildResult(True, recipe.name, image, outputs, ctx.stages, report)
         except OSError as exc:
             from builder.publish.output import disk_full_error
             raise disk_full_error(exc, work) from None   # ENOSPC/EDQUOT/EFBIG: a clean error

@@ -76,6 +76,8 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
           output: Path = typer.Option(Path("output"), "-o", "--output", help="Output folder."),
           set_: List[str] = typer.Option([], "--set", help=SET_HELP),
           checksum: bool = typer.Option(False, "--checksum", help="Also write <name>.raw.sha256 (whole image)."),
+          format_: List[str] = typer.Option([], "--format", help="Image file to publish: raw, qcow2, raw.zst or "
+                                            "raw.xz (repeatable or comma-separated; overrides output.formats)."),
           offline: bool = typer.Option(False, "--offline", help="Make no network request (cache, --vendor, lock)."),
           mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror URL (else ARMVM_MIRROR, "
                                                 "the recipe, then the host's apt sources)."),
@@ -94,8 +96,14 @@ def build(recipe: Path = typer.Argument(..., help="The recipe (YAML, Jinja2-temp
         overrides = parse_set(set_)
     except ArmvmError as err:
         _usage(err)
+    from builder.publish.formats import FORMATS
+    formats = [f.strip() for arg in format_ for f in arg.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        _usage(ArmvmError(f"--format {bad[0]!r} is not a format we write; allowed: {', '.join(FORMATS)}", exit_code=2))
     try:
         options = BuildOptions(output_dir=output, overrides=overrides, checksum=checksum, offline=offline,
+                               formats=tuple(dict.fromkeys(formats)) or None,
                                mirror=mirror, keyring=keyring, vendor_dirs=tuple(vendor), lock=lock_file,
                                update_lock=update_lock, progress=_progress(quiet or as_json), on_warning=_warn)
         result = do_build(recipe, options)
@@ -244,7 +252,9 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
                                             "<image folder>/<name>.boot.log)."),
          verbose: bool = typer.Option(False, "-v", "--verbose", help="Stream the guest console to stderr."),
          quiet: bool = typer.Option(False, "-q", "--quiet", help="No live progress."),
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout.")):
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
+         report: bool = typer.Option(False, "--report", help="Write <name>.report.html beside the image: the "
+                                     "build's report plus the boot timeline and the runtime report.")):
     """Boot an image under QEMU with the AAVMF firmware and report what the guest saw."""
     if arch not in ("auto", "aarch64", "armv7"):
         raise typer.BadParameter("use auto, aarch64 or armv7", param_hint="--arch")
@@ -256,6 +266,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         raise typer.BadParameter("--checks boots our marker images; use one of them", param_hint="--until-login")
     if secure_boot is not None and direct:
         raise typer.BadParameter("Secure Boot needs the firmware; drop --direct", param_hint="--secure-boot")
+    if report and (checks or interactive):
+        raise typer.BadParameter("--report draws one boot; not with --checks or --interactive", param_hint="--report")
     from builder.run import bootcheck
     from builder.run import bootview
     from builder.errors import NotAnImageError
@@ -302,8 +314,17 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         kept = f"console logs kept in {log_path.parent}" if checks else f"console log kept at {log_path}"
         typer.echo(f"armvm-build: interrupted; QEMU stopped, {kept}", err=True)
         raise typer.Exit(130)
+    report_path = None
+    if report:
+        from builder.publish.report_html import publish_boot_report
+        try:
+            report_path = publish_boot_report(image, res.to_json(), res.console)
+        except ArmvmError as err:
+            _fail(err, as_json)
+        except OSError as err:
+            _fail(ArmvmError(f"cannot write the report beside {image}: {err.strerror}"), as_json)
     if as_json:
-        typer.echo(json.dumps(res.to_json(), indent=2))
+        typer.echo(json.dumps({**res.to_json(), **({"report": str(report_path)} if report_path else {})}, indent=2))
     elif interactive:
         typer.echo(res.reason)
     elif res.ok:
@@ -311,6 +332,8 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         typer.echo(bootview.success_text(res, parse_runtime_report(res.console)))
     else:
         typer.echo(bootview.failure_text(res, until_login=until_login))
+    if report_path is not None and not as_json:
+        typer.echo(f"report: {report_path}")
     raise typer.Exit(0 if res.ok else EXIT_FAILED)
 
 

@@ -139,7 +139,7 @@ def test_bad_input_clear_error_and_nothing_published(tmp_path, label, mutate, me
     assert str(recipe.name) in res.stderr or label in ("missing source", "esp too small", "partitions do not fit",
                                                       "duplicate destinations")
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert out == ["demo.bmap", "demo.manifest.json", "demo.raw", "demo.verify.json"], out
+    assert out == ["demo.bmap", "demo.manifest.json", "demo.raw", "demo.report.html", "demo.verify.json"], out
     assert good.image.read_bytes() == before
 
 

@@ -50,8 +50,8 @@ def test_failed_build_never_follows_symlinks_nor_replaces_the_good_report(tmp_pa
     assert any(c["id"] == "boot.kernel" and c["result"] == "fail" for c in report["checks"])
     assert (out / "demo.verify.json").read_bytes() == good_report
     assert sorted(p.name for p in out.iterdir()) == [
-        "demo.bmap", "demo.failed.raw", "demo.failed.verify.json", "demo.manifest.json",
-        "demo.raw", "demo.verify.json"]
+        "demo.bmap", "demo.failed.raw", "demo.failed.report.html", "demo.failed.verify.json",
+        "demo.manifest.json", "demo.raw", "demo.report.html", "demo.verify.json"]
 
 
 def test_good_build_replaces_planted_symlinks_without_following(tmp_path):
@@ -120,7 +120,7 @@ def test_sigkill_leftovers_swept_by_next_build_live_ones_kept(tmp_path):
     s = Staging(out, "demo.raw")                                   # its next build sweeps
     s.close()
     assert sorted(p.name for p in out.iterdir()) == [
-        "demo.bmap", "demo.manifest.json", "demo.raw", "demo.verify.json"]
+        "demo.bmap", "demo.manifest.json", "demo.raw", "demo.report.html", "demo.verify.json"]
 
 
 def test_legacy_leftovers_swept_once_a_day_old(tmp_path):

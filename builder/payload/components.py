@@ -107,7 +107,10 @@ def package_tree(ctx: Context, name: str, role: str, *, kernel: bool = False):
         deb = archive.fetch(pkg)
     with ctx.stage("extract"):
         tree = archive.extract(deb)
-    ctx.record(role, f"debian:{pkg.name}={pkg.version}", pkg.sha256, pkg.size, filename=pkg.filename)
+    from builder.publish.sbom import copyright_license
+    lic = copyright_license(tree, pkg.name)             # DEP-5 `Files: *` license, for the SBOM
+    ctx.record(role, f"debian:{pkg.name}={pkg.version}", pkg.sha256, pkg.size, filename=pkg.filename,
+               **({"license": lic} if lic else {}))
     return tree, pkg
 
 
@@ -203,6 +206,7 @@ def prepare_initramfs(ctx: Context, kinfo) -> Path:
             and "efivarfs" not in drivers:
         drivers.append("efivarfs")     # /init reads the SecureBoot variable through it
     modules = resolve_drivers(kinfo, with_virtio_transports(kinfo, drivers))
+    ctx.initramfs_modules = sorted(m.name for m in modules)     # for the manifest and SBOM
     extra = [(e.dest, fetch_source(ctx, e.source, "initramfs.files")) for e in spec_i.files]
     template = spec_i.init.read_text() if spec_i.init else None
     out = ctx.work / "initrd.img"

@@ -296,6 +296,14 @@ class Staging:
             raise ArmvmError(f"cannot write {path}: {exc.strerror}") from None
         return path
 
+    def drop(self, tmp: Path) -> None:
+        """Remove the pending ``tmp`` without publishing it."""
+        self.pending = [(t, f) for t, f in self.pending if t != tmp]
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+
     def commit(self) -> List[Path]:
         done = []
         for tmp, final in self.pending:

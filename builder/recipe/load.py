@@ -130,6 +130,8 @@ class OutputSpec:
     bmap: bool = True
     checksum: bool = False
     direct: bool = False
+    formats: Tuple[str, ...] = ("raw",)
+    sbom: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -372,12 +374,18 @@ def _to_recipe(path: Path, data: dict, lines: dict) -> Recipe:
     disk = DiskSpec(rv.parse_size(data["disk"]["size"], file=path, line=line("disk", "size"), field_name="disk.size"),
                     data["disk"].get("sector_size", 512), tuple(parts))
     o = data.get("output", {})
-    output = OutputSpec(o.get("bmap", True), o.get("checksum", False), o.get("direct", False))
+    output = OutputSpec(o.get("bmap", True), o.get("checksum", False), o.get("direct", False),
+                        _names(o.get("formats", ["raw"])), _names(o.get("sbom", [])))
     rootfs = _rootfs(path, data, lines, host_path, parts, debian, kernel, initramfs)
     return Recipe(path=path, name=data["name"], arch=data["arch"],
                   source_date_epoch=data.get("source_date_epoch"), seed=data.get("seed"),
                   debian=debian, kernel=kernel, initramfs=initramfs, bootloader=bootloader,
                   disk=disk, output=output, digest=digest, data=data, lines=lines, rootfs=rootfs)
+
+
+def _names(value) -> Tuple[str, ...]:
+    """One name or a list of names (output.formats, output.sbom), without repeats."""
+    return tuple(dict.fromkeys([value] if isinstance(value, str) else value))
 
 
 def _rootfs(path, data, lines, host_path, parts, debian, kernel, initramfs) -> Optional[RootfsSpec]:

@@ -215,6 +215,8 @@ def validate(data: Any, lines: dict, file) -> None:
 
 
 def _validate(value, schema, path, lines, file):
+    if schema.get("x-kind") == "one-or-list" and isinstance(value, str):
+        value = [value]                           # `sbom: spdx` means `sbom: [spdx]`
     line = lines.get(path)
     fname = _dotted(path) or "(top level)"
     t = schema.get("type")
