@@ -15,7 +15,7 @@ import stat
 from builder import spec
 from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
 from builder.verify import checks_image, checks_os, checks_root, checks_sb
-from builder.verify.blob import FileBlob
+from builder.verify.blob import FileBlob, read_option_file
 from builder.verify.modinfo import parse_config
 from builder.verify.container import NotRawDiskError, check_raw
 from builder.verify.catalog import (CHECKS, DEFAULT_PROFILE, PROFILES, STATIC_IDS,
@@ -73,15 +73,7 @@ def read_kernel_config(path) -> tuple:
     """(CONFIG_X -> value, name) from a kernel .config file (bounded; exit 2 when unreadable,
     3 when it is not a kernel config)."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            raw = f.read(MAX_KERNEL_CONFIG + 1)
-    except OSError as e:
-        raise ArmvmError(f"--kernel-config {name}: cannot read it ({e.strerror or e})",
-                         exit_code=EXIT_USAGE) from None
-    if len(raw) > MAX_KERNEL_CONFIG:
-        raise NotAnImageError(f"--kernel-config {name}: larger than {MAX_KERNEL_CONFIG} "
-                              "bytes; not a kernel config")
+    raw = read_option_file(name, "--kernel-config", MAX_KERNEL_CONFIG, "a kernel config")
     cfg = parse_config(raw.decode("utf-8", "replace"))
     if not cfg:
         raise NotAnImageError(f"--kernel-config {name}: no CONFIG_<NAME>=<value> lines; "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import bisect
 import io
 
+from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
+
 CHUNK = 1 << 20
 
 
@@ -112,3 +114,18 @@ class ConcatBlob(Blob):
                 out.append(b"\0" * pad)
                 pos += pad
         return b"".join(out)
+
+
+def read_option_file(name: str, flag: str, limit: int, what: str) -> bytes:
+    """The bytes of a small file named on the command line (``--db``, ``--kernel-config``),
+    read with a cap before anything is kept: exit 2 when it cannot be read, 3 when it is
+    larger than ``limit`` (so not ``what``)."""
+    try:
+        with open(name, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise ArmvmError(f"{flag} {name}: cannot read it ({e.strerror or e})",
+                         exit_code=EXIT_USAGE) from None
+    if len(raw) > limit:
+        raise NotAnImageError(f"{flag} {name}: larger than {limit} bytes; not {what}")
+    return raw

@@ -21,6 +21,7 @@ from typing import Optional
 
 from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
 from builder.verify import authenticode as ac
+from builder.verify.blob import read_option_file
 from builder.verify.pe import PeError, parse_pe, section_blob
 
 from builder.verify.catalog import SB_IDS
@@ -86,16 +87,7 @@ def load_trust(db=(), vars_file=None) -> Trust:
 
 
 def _read(name: str, flag: str, limit: int) -> bytes:
-    try:
-        with open(name, "rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as e:
-        raise ArmvmError(f"{flag} {name}: cannot read it ({e.strerror or e})",
-                         exit_code=EXIT_USAGE) from None
-    if len(raw) > limit:
-        raise NotAnImageError(f"{flag} {name}: larger than {limit} bytes; not what "
-                              f"{flag} takes")
-    return raw
+    return read_option_file(name, flag, limit, f"what {flag} takes")
 
 
 def _load_vars(t: Trust, name: str) -> None:
