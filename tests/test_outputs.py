@@ -54,6 +54,21 @@ def test_every_format_published_and_listed(built):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]      # no temp left
 
 
+def test_every_published_file_has_its_sha256_in_the_result_and_sha256_files(built):
+    res, tmp = built
+    out = tmp / "out"
+    digests = res.to_json()["sha256"]
+    assert set(digests) == {p.name for p in res.outputs}        # every output, raw included (--checksum)
+    for p in res.outputs:
+        assert digests[p.name] == hashlib.sha256(p.read_bytes()).hexdigest(), p.name
+    for name in ("demo.raw", "demo.qcow2", "demo.raw.zst", "demo.raw.xz"):
+        side = out / f"{name}.sha256"                              # sha256sum -c format
+        assert side.read_text() == f"{digests[name]}  {name}\n"
+        proc = subprocess.run(["sha256sum", "--check", "--strict", side.name], cwd=out,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_qcow2_is_v3_clean_identical_and_sparse(built):
     res, tmp = built
     raw, qcow = tmp / "out" / "demo.raw", tmp / "out" / "demo.qcow2"
