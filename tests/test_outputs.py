@@ -226,12 +226,19 @@ def _fake_qemu(tmp_path):
 
 
 def test_boot_hands_our_qcow2_to_qemu_as_qcow2(built, tmp_path):
+    import shutil
     res, tmp = built
-    qcow = tmp / "out" / "demo.qcow2"
+    img = tmp_path / "img"
+    img.mkdir()
+    for n in ("demo.qcow2", "demo.manifest.json", "demo.verify.json"):
+        shutil.copyfile(tmp / "out" / n, img / n)
+    qcow = img / "demo.qcow2"
     env, rec = _fake_qemu(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "builder", "boot", str(qcow), "--json", "--timeout", "60"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "builder", "boot", str(qcow), "--json", "--timeout", "60",
+                           "--report"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["report"] == str(img / "demo.report.html")     # the build's name
+    assert 'id="timeline-table"' in (img / "demo.report.html").read_text()
     args = (rec / "args").read_text().splitlines()
     drives = [args[i + 1] for i, a in enumerate(args) if a == "-drive" and "id=disk0" in args[i + 1]]
     assert drives == [f"if=none,id=disk0,format=qcow2,file={qcow},snapshot=on"]
