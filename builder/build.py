@@ -47,10 +47,11 @@ class BuildResult:
     packages: List[str] = field(default_factory=list)    # "name version" of every Debian package
     lock: Optional[Path] = None        # the lock file the build used (None: resolved afresh)
     warnings: List[str] = field(default_factory=list)    # recipe warnings (unused variables...)
+    sha256: Dict[str, str] = field(default_factory=dict)  # published file name -> sha256
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "name": self.name, "image": str(self.image) if self.image else None,
-                "outputs": [str(p) for p in self.outputs],
+                "outputs": [str(p) for p in self.outputs], "sha256": dict(sorted(self.sha256.items())),
                 "stages": {k: round(v, 4) for k, v in self.stages.items()},
                 "verify": self.report.summary() if self.report is not None else None,
                 "message": self.message}
@@ -257,9 +258,12 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
             with ctx.stage("outputs"):
                 from builder.publish import formats as fmt, report_html, sbom
                 manifest["outputs"] = fmt.output_names(recipe.name, formats, recipe.output.sbom)
-                if options.checksum or recipe.output.checksum:
+                checksum = options.checksum or recipe.output.checksum
+                digests = {}
+                if checksum:
                     digest = sha256_sparse(image_tmp)
                     manifest["image_sha256"] = digest
+                    digests[f"{recipe.name}.raw"] = digest
                     staging.write_text(f"{recipe.name}.raw.sha256", f"{digest}  {recipe.name}.raw\n")
                 staging.write_text(f"{recipe.name}.manifest.json", canonical_json(manifest))
                 staging.write_text(f"{recipe.name}.verify.json", report_json)
@@ -269,9 +273,15 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                     _stage_direct(staging, recipe.name, ctx.direct)
                 sbom.stage_sbom(staging, recipe.name, manifest, recipe.output.sbom)
                 staging.write_text(f"{recipe.name}.report.html", report_html.render(manifest, report.to_json()))
-                fmt.stage_formats(staging, recipe.name, image_tmp, formats)
+                digests.update(fmt.stage_formats(staging, recipe.name, image_tmp, formats, checksum))
                 if "raw" not in formats:
                     staging.drop(image_tmp)          # only the other formats are published
+                    digests.pop(f"{recipe.name}.raw", None)
+                # the formats are written after the manifest: their digests go to --json and
+                # the <name>.<format>.sha256 files; every other staged file is small, hash it too
+                for tmp, final in staging.pending:
+                    if tmp != image_tmp and final.name not in digests:
+                        digests[final.name] = fmt.sha256_of(tmp)
             outputs = staging.commit()
             if options.update_lock and archive is not None:
                 from builder.inputs.lock import write_lock
@@ -279,7 +289,7 @@ def _build(recipe_path, options: BuildOptions, progress, info: dict) -> BuildRes
                                                                   getattr(ctx, "root_pins", None)))
                 outputs.append(lock_path(recipe, options))
             image = out_dir / f"{recipe.name}.{'raw' if 'raw' in formats else formats[0]}"
-            return BuildResult(True, recipe.name, image, outputs, ctx.stages, report)
+            return BuildResult(True, recipe.name, image, outputs, ctx.stages, report, sha256=digests)
         except OSError as exc:
             from builder.publish.output import disk_full_error
             raise disk_full_error(exc, work) from None   # ENOSPC/EDQUOT/EFBIG: a clean error

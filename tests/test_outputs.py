@@ -54,6 +54,21 @@ def test_every_format_published_and_listed(built):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]      # no temp left
 
 
+def test_every_published_file_has_its_sha256_in_the_result_and_sha256_files(built):
+    res, tmp = built
+    out = tmp / "out"
+    digests = res.to_json()["sha256"]
+    assert set(digests) == {p.name for p in res.outputs}        # every output, raw included (--checksum)
+    for p in res.outputs:
+        assert digests[p.name] == hashlib.sha256(p.read_bytes()).hexdigest(), p.name
+    for name in ("demo.raw", "demo.qcow2", "demo.raw.zst", "demo.raw.xz"):
+        side = out / f"{name}.sha256"                              # sha256sum -c format
+        assert side.read_text() == f"{digests[name]}  {name}\n"
+        proc = subprocess.run(["sha256sum", "--check", "--strict", side.name], cwd=out,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_qcow2_is_v3_clean_identical_and_sparse(built):
     res, tmp = built
     raw, qcow = tmp / "out" / "demo.raw", tmp / "out" / "demo.qcow2"
@@ -166,9 +181,10 @@ def test_formats_never_follow_a_planted_symlink(tmp_path):
 def test_verify_and_boot_name_our_own_outputs_in_the_hint(built):
     res, tmp = built
     out = tmp / "out"
-    for name, hint in (("demo.qcow2", "qemu-img convert -O raw demo.qcow2 demo.raw"),
-                       ("demo.raw.zst", "zstd -d demo.raw.zst"), ("demo.raw.xz", "xz -dk demo.raw.xz")):
-        for command in ("verify", "boot"):          # refused before anything boots
+    for name, hint, commands in (("demo.qcow2", "qemu-img convert -O raw demo.qcow2 demo.raw", ("verify",)),
+                                 ("demo.raw.zst", "zstd -d demo.raw.zst", ("verify", "boot")),
+                                 ("demo.raw.xz", "xz -dk demo.raw.xz", ("verify", "boot"))):
+        for command in commands:          # refused before anything boots (boot takes our qcow2)
             proc = subprocess.run([sys.executable, "-m", "builder", command, name, "-q"][:6 if command == "boot" else 5],
                                   capture_output=True, text=True, cwd=out)
             assert proc.returncode == 3, (command, proc.stderr)
@@ -192,3 +208,97 @@ def test_a_failing_format_leaves_the_earlier_good_outputs_untouched(tmp_path, mo
         build(recipe, BuildOptions(output_dir=out, cache_dir=tmp_path / "cache", progress=False, environ=ENV))
     assert str(out) in str(err.value) and "No space left" in str(err.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before      # nothing new, nothing half-written
+
+
+def _fake_qemu(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fakeqemu
+    from tests.test_boot_ui import DONE, FIRMWARE, KERNEL
+    bindir, rec, plan = tmp_path / "bin", tmp_path / "rec", tmp_path / "plan.json"
+    rec.mkdir()
+    plan.write_text(json.dumps([{"out": FIRMWARE}, {"out": KERNEL}, {"out": DONE}, {"exit": 0}]))
+    fakeqemu.install(bindir, plan, rec)
+    (tmp_path / "CODE.fd").write_bytes(b"code")
+    (tmp_path / "VARS.fd").write_bytes(b"vars")
+    env = dict(os.environ, ARMVM_FIRMWARE_CODE=str(tmp_path / "CODE.fd"),
+               ARMVM_FIRMWARE_VARS=str(tmp_path / "VARS.fd"), PATH=f"{bindir}:{os.environ['PATH']}")
+    return env, rec
+
+
+def test_boot_hands_our_qcow2_to_qemu_as_qcow2(built, tmp_path):
+    import shutil
+    res, tmp = built
+    img = tmp_path / "img"
+    img.mkdir()
+    for n in ("demo.qcow2", "demo.manifest.json", "demo.verify.json"):
+        shutil.copyfile(tmp / "out" / n, img / n)
+    qcow = img / "demo.qcow2"
+    env, rec = _fake_qemu(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "builder", "boot", str(qcow), "--json", "--timeout", "60",
+                           "--report"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["report"] == str(img / "demo.report.html")     # the build's name
+    assert 'id="timeline-table"' in (img / "demo.report.html").read_text()
+    args = (rec / "args").read_text().splitlines()
+    drives = [args[i + 1] for i, a in enumerate(args) if a == "-drive" and "id=disk0" in args[i + 1]]
+    assert drives == [f"if=none,id=disk0,format=qcow2,file={qcow},snapshot=on"]
+    # the probe read the guest bytes through the qcow2 tables: the loader's arch was found
+    from builder.run.qemu import probe_image
+    info = probe_image(qcow)
+    assert (info.format, info.arch, info.sector_size) == ("qcow2", "aarch64", 512)
+    assert probe_image(tmp / "out" / "demo.raw").format == "raw"
+
+
+def test_boot_refuses_a_qcow2_with_a_backing_file_before_qemu_runs(built, tmp_path):
+    res, tmp = built
+    over = tmp_path / "over.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tmp / "out" / "demo.qcow2"), "-F", "qcow2", str(over))
+    env, rec = _fake_qemu(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "builder", "boot", str(over), "--arch", "aarch64"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "backing file" in proc.stderr and "qemu-img convert -O raw" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (rec / "args").exists()
+
+
+def test_qcow2_reader_gives_the_guest_bytes(tmp_path):
+    from builder.run.qcow2 import Qcow2Blob
+    raw = tmp_path / "d.raw"
+    with open(raw, "wb") as f:
+        f.truncate(300 << 20)
+        for off in (0, 70_000, 3 << 20, 200 << 20):
+            f.seek(off)
+            f.write(os.urandom(150_000))
+    data = raw.read_bytes()
+    for writer in (formats.write_qcow2, formats.convert_qcow2):       # ours and qemu-img's
+        q = tmp_path / f"{writer.__name__}.qcow2"
+        q.touch()
+        writer(raw, q)
+        with open(q, "rb") as f:
+            blob = Qcow2Blob(f, str(q))
+            assert blob.size == len(data)
+            for off, n in ((0, 300_000), (65_000, 10_000), ((3 << 20) - 5, 200_000), (100 << 20, 4096),
+                           ((300 << 20) - 100, 4096)):
+                assert blob.read_at(off, n) == data[off:off + n], (writer.__name__, off)
+
+
+@pytest.mark.boot
+@pytest.mark.network
+def test_default_image_boots_as_qcow2(tmp_path):
+    """The default probe image (recipes/debian-arm64.yaml) published as qcow2 only boots
+    under the real QEMU + AAVMF to its marker."""
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, "recipes", "debian-arm64.yaml"), tmp_path / "debian-arm64.yaml")
+    env = {**os.environ, **ENV}
+    b = subprocess.run([sys.executable, "-m", "builder", "build", "-q", str(tmp_path / "debian-arm64.yaml"),
+                        "-o", str(tmp_path / "out"), "--format", "qcow2"], capture_output=True, text=True, env=env)
+    assert b.returncode == 0, b.stderr[-2000:]
+    qcow = tmp_path / "out" / "debian-arm64.qcow2"
+    assert not (tmp_path / "out" / "debian-arm64.raw").exists()
+    proc = subprocess.run([sys.executable, "-m", "builder", "boot", str(qcow), "--json", "--timeout", "240"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["ok"] and "marker" in out["events"]
+    assert any(a.startswith("if=none,id=disk0,format=qcow2,") for a in out["command"]), out["command"]

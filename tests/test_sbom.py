@@ -173,3 +173,75 @@ def test_single_name_form_and_bad_kind(tmp_path):
     with pytest.raises(RecipeError) as err:
         build(recipe, BuildOptions(output_dir=tmp_path / "o", cache_dir=tmp_path / "c", progress=False, environ=ENV))
     assert "output.sbom[0]" in str(err.value) and "spdx, cyclonedx" in str(err.value)
+
+
+DEP5 = ("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+        "Files: *\nCopyright: 2020 Someone\nLicense: {lic}\n\nLicense: {lic}\n text\n")
+
+
+def _root_tar(tmp_path, members):
+    """A root tarball like mmdebstrap's (./-prefixed names) from (name, kind, data) rows."""
+    import io
+    import tarfile
+    path = tmp_path / "root.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo("./" + name)
+            if kind == "file":
+                blob = data.encode()
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+    return path
+
+
+def test_root_tarball_licenses_dep5_bounded_links_one_step(tmp_path, monkeypatch):
+    doc = "usr/share/doc/"
+    tar = _root_tar(tmp_path, [
+        (doc, "dir", ""), (doc + "good", "dir", ""), (doc + "good/copyright", "file", DEP5.format(lic="GPL-2+")),
+        (doc + "good-dev", "link", "good"),                       # Debian's doc-folder symlink: followed
+        (doc + "old/copyright", "file", "This package was debianized by someone.\nGPL.\n"),
+        (doc + "sly/copyright", "link", "../good/copyright"),    # a symlinked file: not followed
+        (doc + "out", "link", "../../../etc"),                   # out of usr/share/doc: not followed
+        (doc + "big/copyright", "file", DEP5.format(lic="Expat") + "#" * 300),
+        (doc + "other/copyright", "file", DEP5.format(lic="MIT")),   # not asked for
+    ])
+    monkeypatch.setattr(sbom, "COPYRIGHT_MAX", len(DEP5.format(lic="Expat")) + 100)
+    got = sbom.tar_licenses(tar, ["good", "good-dev", "old", "sly", "out", "big", "missing"])
+    assert got == {"good": "GPL-2+", "good-dev": "GPL-2+"}
+    assert sbom.tar_licenses(tmp_path / "nope.tar", ["good"]) == {}      # unreadable: no claim
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    assert sbom.tar_licenses(tmp_path / "bad.tar", ["good"]) == {}
+
+
+@pytest.mark.network
+def test_root_tarball_license_of_a_real_debian_package(pytestconfig, tmp_path):
+    """The copyright file of a real package (base-files, DEP-5 since long), in a tarball
+    laid out as mmdebstrap writes it."""
+    import tarfile
+    from tests.fixtures import debian_tree
+    tree = debian_tree(pytestconfig, "trixie", "arm64", "base-files")
+    with tarfile.open(tmp_path / "root.tar", "w") as tar:
+        tar.add(tree / "usr" / "share" / "doc" / "base-files", arcname="./usr/share/doc/base-files")
+    got = sbom.tar_licenses(tmp_path / "root.tar", ["base-files"])
+    assert got == {"base-files": sbom.copyright_license(tree, "base-files")} and got["base-files"]
+
+
+def test_root_package_license_reaches_both_sboms(tmp_path):
+    m = json.loads(json.dumps(DEB_MANIFEST))
+    m["inputs"].append({"filename": "pool/main/b/bash/bash_5.2.37-2_arm64.deb", "origin": "debian:bash=5.2.37-2",
+                        "role": "rootfs.debian", "sha256": "5e" * 32, "size": 1, "license": "GPL-3+"})
+    for kind in ("spdx", "cyclonedx"):
+        suffix, make = sbom.SBOM_FILES[kind]
+        (tmp_path / f"r.{suffix}").write_text(json.dumps(make(m)))
+    doc = validate_spdx(tmp_path / "r.spdx.json")
+    bash = next(p for p in doc["packages"] if p["name"] == "bash")
+    assert bash["licenseDeclared"] == "GPL-3.0-or-later"
+    cdx = validate_cdx(tmp_path / "r.cdx.json")
+    comp = next(c for c in cdx["components"] if c["name"] == "bash")
+    assert comp["licenses"] == [{"expression": "GPL-3.0-or-later"}]

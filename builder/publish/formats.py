@@ -148,6 +148,15 @@ def write_qcow2(raw: Path, dest: Path) -> None:
         out.truncate(total * CLUSTER)
 
 
+def convert_qcow2(raw: Path, dest: Path) -> None:
+    """The same qcow2 v3 by `qemu-img convert` (the bench's peer)."""
+    import subprocess
+    res = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1",
+                          str(raw), str(dest)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ArmvmError(f"qemu-img convert failed: {res.stderr.strip()[-300:]}")
+
+
 def write_zstd(raw: Path, dest: Path, threads: int = -1) -> None:
     """zstd frame of the whole image, written with worker threads (-1: one per core)."""
     import zstandard
@@ -211,17 +220,31 @@ def write_xz(raw: Path, dest: Path, threads: int = 0) -> None:
 WRITERS = {"qcow2": write_qcow2, "raw.zst": write_zstd, "raw.xz": write_xz}
 
 
-def stage_formats(staging, name: str, raw: Path, formats) -> List[str]:
-    """Write every requested non-raw format under a staging name; returns the final names."""
-    names = []
+def sha256_of(path: Path) -> str:
+    """sha256 of a whole (compact) file, read 1 MiB at a time."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_formats(staging, name: str, raw: Path, formats, checksum: bool = False) -> Dict[str, str]:
+    """Write every requested non-raw format under a staging name; returns {final name:
+    sha256 of its bytes}. With `checksum`, each also gets a `<final>.sha256` beside it
+    (`sha256sum -c` format), like `<name>.raw.sha256`."""
+    digests: Dict[str, str] = {}
     for fmt in formats:
         if fmt == "raw":
             continue
         final = f"{name}.{fmt}"
         tmp = staging.temp_path(final)
         WRITERS[fmt](raw, tmp)
-        names.append(final)
-    return names
+        digests[final] = sha256_of(tmp)
+        if checksum:
+            staging.write_text(f"{final}.sha256", f"{digests[final]}  {final}\n")
+    return digests
 
 
 def output_names(name: str, formats, sboms) -> dict:

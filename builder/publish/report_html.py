@@ -288,7 +288,7 @@ def publish_boot_report(image: Path, boot: dict, console: str) -> Path:
     <name>.manifest.json and <name>.verify.json when they are there) plus the boot
     timeline and the runtime report; staged and renamed like every output."""
     from builder.publish.output import Staging
-    stem = image.name[:-4] if image.name.endswith(".raw") else image.name
+    stem = next((image.name[:-len(x)] for x in (".raw", ".qcow2") if image.name.endswith(x)), image.name)
     manifest = _read_json(image.parent / f"{stem}.manifest.json")
     try:
         if manifest is not None:

@@ -48,6 +48,12 @@ def copyright_license(tree: Path, package: str) -> Optional[str]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
+    return dep5_license(text)
+
+
+def dep5_license(text: str) -> Optional[str]:
+    """The `License:` synopsis of the `Files: *` paragraph of a DEP-5 copyright file; None
+    when the text is not machine-readable or has no such paragraph."""
     if not text.startswith("Format:"):
         return None
     from debian.copyright import Copyright
@@ -60,6 +66,48 @@ def copyright_license(tree: Path, package: str) -> Optional[str]:
     except Exception:          # not machine-readable after all: no license claimed
         return None
     return None
+
+
+DOC = "usr/share/doc/"
+
+
+def tar_licenses(tar_path: Path, packages) -> Dict[str, str]:
+    """{package: DEP-5 license} for the `packages` whose usr/share/doc/<package>/copyright
+    in the root tarball is machine-readable. Read from the tar itself (no extraction, no
+    host path involved): only regular members of at most COPYRIGHT_MAX bytes are read; a
+    doc folder that is a symlink to a sibling (libfoo-dev -> libfoo1, Debian's usual way)
+    is followed one step inside the tar."""
+    import tarfile
+    wanted = set(packages)
+    texts: Dict[str, str] = {}
+    links: Dict[str, str] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for info in tar:
+                name = info.name[2:] if info.name.startswith("./") else info.name
+                if not name.startswith(DOC):
+                    continue
+                rest = name[len(DOC):].rstrip("/")
+                pkg, _, leaf = rest.partition("/")
+                if not leaf and info.issym() and pkg in wanted and "/" not in info.linkname.rstrip("/"):
+                    links[pkg] = info.linkname.rstrip("/")
+                elif leaf == "copyright" and info.isreg() and info.size <= COPYRIGHT_MAX:
+                    f = tar.extractfile(info)
+                    if f is not None:
+                        texts[pkg] = f.read(COPYRIGHT_MAX).decode("utf-8", "replace")
+    except (tarfile.TarError, OSError):
+        return {}                      # the SBOM then says NOASSERTION, as before
+    out: Dict[str, str] = {}
+    parsed: Dict[str, Optional[str]] = {}
+    for pkg in sorted(wanted):
+        src = pkg if pkg in texts else links.get(pkg)
+        if src is None or src not in texts:
+            continue
+        if src not in parsed:
+            parsed[src] = dep5_license(texts[src])
+        if parsed[src]:
+            out[pkg] = parsed[src]
+    return out
 
 
 def spdx_expression(debian: Optional[str]) -> Tuple[str, List[str]]:

@@ -368,7 +368,7 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
         try:
             info = probe_image(Path(image))
         except NotRawDiskError:
-            raise                   # qcow2, VMDK, compressed ...: QEMU gets raw disks only
+            raise                   # VMDK, compressed, foreign qcow2 ...: raw or our qcow2 only
         except NotAnImageError:
             if arch == "auto":
                 raise
@@ -405,7 +405,7 @@ def boot_image(image: Path | None, *, arch: str = "auto", timeout: float = 120,
         cmd = qemu_command(arch=a, qemu=exe, image=image, firmware=firmware, gic=gic,
                            acpi=acpi, kvm=use_kvm, extra_virtio=extra_virtio, direct=direct,
                            sector_size=sector_size, memory_mb=memory_mb, cpus=cpus,
-                           qmp=qmp, qemu_args=qemu_args)
+                           qmp=qmp, qemu_args=qemu_args, image_format=info.format if info else None)
         if interactive:
             status = subprocess.call(cmd, preexec_fn=die_with_parent_hook())
             return BootResult(status == 0, f"interactive session ended (QEMU status {status})",

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from builder import spec
 from builder.errors import ArmvmError, MissingToolError, NotAnImageError
+from builder.run import qcow2
 
 GIC_VERSIONS = (2, 3)
 MMIO_BLK_BYTES = 1024 * 1024          # the blank virtio-mmio disk of extra_virtio
@@ -105,10 +106,12 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
                  acpi: bool | None = None, kvm: bool = False, extra_virtio: bool = False,
                  direct: tuple | None = None, sector_size: int | None = None,
                  memory_mb: int = 1024, cpus: int = 2, qmp: Path | None = None,
-                 qemu_args: Sequence[str] = ()) -> list[str]:
+                 qemu_args: Sequence[str] = (), image_format: str | None = None) -> list[str]:
     """The QEMU command line. `firmware` is (code, writable vars copy); `direct` is
     (kernel, initrd or None, cmdline) for a boot without firmware; `qmp` a Unix socket
-    path QEMU listens on for QMP (the power-button request of --until-login)."""
+    path QEMU listens on for QMP (the power-button request of --until-login);
+    `image_format` raw or qcow2 (None: qcow2 when the file has its magic, then checked
+    to be self-contained, else raw)."""
     a = arch_of(arch)
     machine = "virt"
     if gic is not None:
@@ -158,7 +161,13 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
             raise ArmvmError(f"sector size {sector_size} is not supported (allowed: 512, 4096)")
         if sector_size == 4096:
             blk += ",logical_block_size=4096,physical_block_size=4096"
-        cmd += ["-drive", f"if=none,id=disk0,format=raw,file={_opt(image)},snapshot=on",
+        if image_format is None:
+            image_format = "qcow2" if qcow2.is_qcow2(image) else "raw"
+        if image_format not in ("raw", "qcow2"):
+            raise ArmvmError(f"image format {image_format!r} is not supported (allowed: raw, qcow2)")
+        if image_format == "qcow2":
+            qcow2.check_qcow2(Path(image))    # no backing or data file: QEMU opens this file only
+        cmd += ["-drive", f"if=none,id=disk0,format={image_format},file={_opt(image)},snapshot=on",
                 "-device", blk]
     if extra_virtio:
         cmd += [
@@ -237,6 +246,7 @@ def die_with_parent_hook():
 class ImageInfo:
     arch: str | None          # spec.ARCHES key of the loader found, None if none
     sector_size: int
+    format: str = "raw"       # raw | qcow2 (what QEMU's -drive is told)
 
 
 def probe_image(path: Path) -> ImageInfo:
@@ -253,9 +263,18 @@ def probe_image(path: Path) -> ImageInfo:
         raise NotAnImageError(f"{path}: cannot open: {e.strerror}") from None
     with f:
         blob = FileBlob(f)
-        check_raw(blob, str(path))          # NotRawDiskError: qcow2, VMDK, xz ... (exit 3)
+        fmt = "raw"
+        if blob.read_at(0, 4) == qcow2.MAGIC:   # our qcow2 (or qemu-img's): read its guest bytes
+            blob, fmt = qcow2.Qcow2Blob(f, str(path)), "qcow2"
+        else:
+            check_raw(blob, str(path))      # NotRawDiskError: VMDK, xz, zst ... (exit 3)
         ss = detect_sector_size(blob)
         mbr = blob.read_at(510, 2) == b"\x55\xaa"
+        if fmt == "qcow2" and ss is not None:
+            from builder.verify import _guard, checks_image
+            ctx = checks_image.Context("armvm", blob)
+            checks_image.run(ctx, "auto", _guard)
+            return ImageInfo(ctx.arch, ss, fmt)
     if ss is None and mbr:
         raise NotAnImageError(f"{path}: an MBR disk, not GPT: the ARM VM spec asks for GPT "
                               "and verify will fail it; AAVMF still boots MBR disks, so pass "

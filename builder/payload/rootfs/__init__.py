@@ -400,7 +400,9 @@ def _pinned_root(ctx, archive, cache, progress: bool):
         (dest / "packages.json").write_text(json.dumps(got))
 
     tree = cache.put_tree(f"rootfs-pinned-{key}", build)
+    from builder.publish.sbom import tar_licenses
+    licenses = tar_licenses(tree / "root.tar", [p.name for p in pins])   # DEP-5, for the SBOM
     for p in pins:
         ctx.record("rootfs.debian", f"debian:{p.name}={p.version}", p.sha256, p.size,
-                   filename=p.filename)
+                   filename=p.filename, **({"license": licenses[p.name]} if p.name in licenses else {}))
     return tree / "root.tar", "debian-pinned:" + key, _facts(recipe, tree, pinned=len(pins))
