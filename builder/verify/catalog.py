@@ -146,10 +146,18 @@ _DEFS = [
              "{spec}, {images}"),
     CheckDef("rt.virtio", "SHOULD", "virtio block, network, console and balloon devices bound "
              "to drivers over virtio-pci and virtio-mmio", "{spec}, {images}"),
+    # Xen: observed by booting the image as a Xen DomU (`boot --xen`; builder/run/xen.py).
+    CheckDef("rt.xen-boot", "MUST", "The image's kernel and initramfs boot as a Xen DomU "
+             "(hypervisor=xen) and reach the marker", "{spec}, {images}"),
+    CheckDef("rt.xen-console", "SHOULD", "Under Xen the console runs on the Xen PV console "
+             "(hvc0)", "{spec}, {images}", must_under=_OLD),
+    CheckDef("rt.xen-block", "MUST", "Under Xen the disk is bound by xen-blkfront",
+             "{spec}, {images}"),
 ]
 CHECKS = {d.id: d for d in _DEFS}
 STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith("rt."))
-RUNTIME_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt."))
+XEN_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt.xen-"))
+RUNTIME_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt.") and d.id not in XEN_IDS)
 
 
 def check_profile(profile: str) -> str:
