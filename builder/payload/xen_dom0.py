@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -30,7 +31,7 @@ from typing import Callable, Optional
 from builder import spec
 from builder.errors import ArmvmError
 
-FORMAT = "xen-dom0-5"
+FORMAT = "xen-dom0-7"
 DEBIAN_ARCH = "arm64"                   # Debian builds Xen for arm64 and amd64 only
 # Named packages; {x} is the Xen ABI version (4.20 in trixie) read from xen-utils-common.
 PACKAGES = ("xen-hypervisor-{x}-arm64", "xen-utils-{x}", "xen-utils-common", "xenstore-utils",
@@ -60,6 +61,11 @@ APPLETS = ("sh", "ash", "mount", "umount", "mkdir", "ln", "cat", "echo", "sleep"
 LIST_DEBS = 'find "$1/var/cache/apt/archives" -name "*.deb" -printf "%f %s\\n" >'
 INIT_TEMPLATE = Path(__file__).parent / "templates" / "xen-dom0-init.sh"
 MAX_TAR_MEMBER = 512 * 1024 * 1024
+# Dom0's initramfs: these folders and files whole, plus the libraries they need.
+KEEP_TREES = ("etc", "var", "usr/lib/xen-{x}", "usr/lib/xen-common", "usr/share/xen-utils-common")
+KEEP_FILES = ("usr/bin/bash", "usr/bin/busybox", "usr/bin/flock", "usr/bin/logger",
+              "usr/sbin/blockdev", "usr/sbin/losetup", "usr/sbin/xl", "usr/sbin/xenstored",
+              "usr/lib/ld-linux-aarch64.so.1", "usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1")
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,88 @@ def _unpack(tar: Path, dest: Path) -> None:
                 os.chmod(dest / name, m.mode & 0o755 | 0o600)
 
 
+def needed(data: bytes, where: str) -> list:
+    """DT_NEEDED names of a 64-bit little-endian ELF executable or library, read through
+    its program headers (PT_DYNAMIC, and PT_LOAD to map DT_STRTAB to a file offset)."""
+    import struct
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []                                  # scripts, or not ELF64 LE
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    if phentsize < 56 or phoff + phnum * phentsize > len(data):
+        raise ArmvmError(f"{where}: ELF program headers out of range")
+    loads, dyn = [], None
+    for k in range(phnum):
+        p_type, _fl, off, vaddr, _pa, filesz = struct.unpack_from("<IIQQQQ", data,
+                                                                   phoff + k * phentsize)
+        if p_type == 1:
+            loads.append((vaddr, off, filesz))
+        elif p_type == 2:
+            dyn = (off, filesz)
+    if dyn is None:
+        return []                                  # static
+    names, strtab = [], None
+    end = min(dyn[0] + dyn[1], len(data))
+    for off in range(dyn[0], end - 15, 16):
+        tag, val = struct.unpack_from("<qQ", data, off)
+        if tag == 0:
+            break
+        if tag == 1:
+            names.append(val)
+        elif tag == 5:                             # DT_STRTAB (a virtual address)
+            strtab = next((val - va + fo for va, fo, sz in loads if va <= val < va + sz), None)
+    if strtab is None:
+        raise ArmvmError(f"{where}: ELF DT_STRTAB not in a loaded segment")
+    out = []
+    for n in names:
+        at = strtab + n
+        stop = data.find(b"\0", at, at + 256)
+        if at >= len(data) or stop < 0:
+            raise ArmvmError(f"{where}: ELF DT_NEEDED name out of range")
+        out.append(data[at:stop].decode("ascii", "replace"))
+    return out
+
+
+def dom0_files(tree: Path, xen_version: str) -> list:
+    """What Dom0 runs (KEEP_*), and the shared libraries they need (DT_NEEDED closure,
+    looked up in usr/lib/aarch64-linux-gnu, with the symlinks that name them)."""
+    rels: set = set()
+
+    def add(rel: str) -> None:
+        while rel and rel not in rels:
+            rels.add(rel)
+            rel = posixpath.dirname(rel)
+    for top in KEEP_TREES:
+        top = top.format(x=xen_version)
+        for root, dirs, files in os.walk(tree / top):
+            for name in dirs + files:
+                rel = (Path(root) / name).relative_to(tree).as_posix()
+                if not DROP.match(rel + "/" if (Path(root) / name).is_dir() else rel):
+                    add(rel)
+    for rel in KEEP_FILES:
+        if (tree / rel).exists() or (tree / rel).is_symlink():
+            add(rel)
+    for p in sorted((tree / "usr/bin").glob("xenstore*")):
+        add(p.relative_to(tree).as_posix())
+    libdir = "usr/lib/aarch64-linux-gnu"
+    todo = [r for r in sorted(rels) if (tree / r).is_file() and not (tree / r).is_symlink()]
+    seen: set = set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        for lib in needed((tree / rel).read_bytes(), rel):
+            cand = f"{libdir}/{lib}"
+            if not (tree / cand).exists():
+                continue                               # e.g. ld-linux (kept as a file)
+            add(cand)
+            real = (tree / cand).resolve().relative_to(tree.resolve()).as_posix()
+            add(real)
+            todo.append(real)
+    return sorted(rels, key=lambda r: r.encode())
+
+
 def make_kit(tree: Path, dest: Path, *, xen_version: str, timestamp: int) -> None:
     """xen.efi, vmlinuz, dom0.cpio and kernel.version into `dest` from an unpacked tree."""
     from builder.payload.cpio import NewcArchive
@@ -225,21 +313,14 @@ def make_kit(tree: Path, dest: Path, *, xen_version: str, timestamp: int) -> Non
     (dest / "kernel.version").write_text(kinfo.version + "\n")
 
     cpio = NewcArchive(timestamp)
-    for top in ("usr", "etc", "var"):
-        for root, dirs, files in os.walk(tree / top):
-            dirs.sort()
-            for name in sorted(dirs) + sorted(files):
-                p = Path(root) / name
-                rel = p.relative_to(tree).as_posix()
-                if DROP.match(rel + ("/" if p.is_dir() and not p.is_symlink() else "")):
-                    continue
-                if p.is_symlink():
-                    cpio.add_symlink(rel, os.readlink(p))
-                elif p.is_dir():
-                    cpio.add_dir(rel)
-                elif p.is_file():
-                    mode = p.stat().st_mode
-                    cpio.add_file(rel, p, 0o755 if mode & 0o111 else 0o644)
+    for rel in dom0_files(tree, xen_version):
+        p = tree / rel
+        if p.is_symlink():
+            cpio.add_symlink(rel, os.readlink(p))
+        elif p.is_dir():
+            cpio.add_dir(rel)
+        else:
+            cpio.add_file(rel, p, 0o755 if p.stat().st_mode & 0o111 else 0o644)
     # merged /usr, as base-files would make it; /var/run is /run
     for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib")):
         cpio.add_symlink(link, target)
