@@ -31,7 +31,7 @@ from typing import Callable, Optional
 from builder import spec
 from builder.errors import ArmvmError
 
-FORMAT = "xen-dom0-7"
+FORMAT = "xen-dom0-8"
 DEBIAN_ARCH = "arm64"                   # Debian builds Xen for arm64 and amd64 only
 # Named packages; {x} is the Xen ABI version (4.20 in trixie) read from xen-utils-common.
 PACKAGES = ("xen-hypervisor-{x}-arm64", "xen-utils-{x}", "xen-utils-common", "xenstore-utils",
@@ -65,7 +65,9 @@ MAX_TAR_MEMBER = 512 * 1024 * 1024
 KEEP_TREES = ("etc", "var", "usr/lib/xen-{x}", "usr/lib/xen-common", "usr/share/xen-utils-common")
 KEEP_FILES = ("usr/bin/bash", "usr/bin/busybox", "usr/bin/flock", "usr/bin/logger",
               "usr/sbin/blockdev", "usr/sbin/losetup", "usr/sbin/xl", "usr/sbin/xenstored",
-              "usr/lib/ld-linux-aarch64.so.1", "usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1")
+              "usr/lib/ld-linux-aarch64.so.1", "usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+              # glibc dlopens it for pthread_cancel (xl aborts without it)
+              "usr/lib/aarch64-linux-gnu/libgcc_s.so.1")
 
 
 @dataclass(frozen=True)
