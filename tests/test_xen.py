@@ -189,10 +189,23 @@ def test_needed_reads_dt_needed_of_a_real_elf():
 
 def test_read_debs(tmp_path):
     p = tmp_path / "debs.txt"
-    p.write_text("busybox-static_1%3a1.37.0-6+b9_arm64.deb 847552\nbash_5.2.37-2+b10_arm64.deb 1\n"
-                 "junk\n")
-    assert xen_dom0.read_debs(p) == [["bash", "5.2.37-2+b10", "arm64", 1],
-                                     ["busybox-static", "1:1.37.0-6+b9", "arm64", 847552]]
+    a, b = "a" * 64, "b" * 64
+    p.write_text(f"{a} 847552 busybox-static_1%3a1.37.0-6+b9_arm64.deb\n{b} 1 bash_5.2.37-2+b10_arm64.deb\n"
+                 f"junk\n{a} x bad_1_arm64.deb\n")
+    assert xen_dom0.read_debs(p) == [["bash", "5.2.37-2+b10", "arm64", 1, b],
+                                     ["busybox-static", "1:1.37.0-6+b9", "arm64", 847552, a]]
+
+
+def test_list_debs_hook_runs_in_sh(tmp_path):
+    """The extract hook as mmdebstrap runs it (sh -c '...' exec ROOT) on a fake tree."""
+    d = tmp_path / "root/var/cache/apt/archives"
+    d.mkdir(parents=True)
+    (d / "x_1.0_arm64.deb").write_bytes(b"abc")
+    out = tmp_path / "debs.txt"
+    subprocess.run(["sh", "-c", f"{xen_dom0.LIST_DEBS} {out}", "exec", str(tmp_path / "root")],
+                   check=True)
+    import hashlib
+    assert xen_dom0.read_debs(out) == [["x", "1.0", "arm64", 3, hashlib.sha256(b"abc").hexdigest()]]
 
 
 # --- the console, the verdict and the checks ----------------------------------------

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 from builder import spec
 from builder.errors import ArmvmError
 
-FORMAT = "xen-dom0-8"
+FORMAT = "xen-dom0-9"
 DEBIAN_ARCH = "arm64"                   # Debian builds Xen for arm64 and amd64 only
 # Named packages; {x} is the Xen ABI version (4.20 in trixie) read from xen-utils-common.
 PACKAGES = ("xen-hypervisor-{x}-arm64", "xen-utils-{x}", "xen-utils-common", "xenstore-utils",
@@ -58,7 +58,8 @@ APPLETS = ("sh", "ash", "mount", "umount", "mkdir", "ln", "cat", "echo", "sleep"
            "xargs", "find", "dd", "sync", "uname", "mv", "cp", "logger", "hostname", "pidof",
            "realpath", "mktemp")
 # mmdebstrap's extract hook (a host shell command; $1 is the tree): list the .debs it unpacked
-LIST_DEBS = 'find "$1/var/cache/apt/archives" -name "*.deb" -printf "%f %s\\n" >'
+LIST_DEBS = ('cd "$1/var/cache/apt/archives" && for f in *.deb; do echo "$(sha256sum < "$f" | '
+             'cut -d" " -f1) $(stat -c %s "$f") $f"; done >')
 INIT_TEMPLATE = Path(__file__).parent / "templates" / "xen-dom0-init.sh"
 MAX_TAR_MEMBER = 512 * 1024 * 1024
 # Dom0's initramfs: these folders and files whole, plus the libraries they need.
@@ -188,16 +189,19 @@ def dom0_kit(archive, cache, *, timestamp: int, say: Optional[Callable[[str], No
 
 
 def read_debs(listing: Path) -> list:
-    """[name, version, arch, size] of every .deb mmdebstrap unpacked (listed by its extract
-    hook): the kit's own lock."""
+    """[name, version, arch, size, sha256] of every .deb mmdebstrap unpacked (listed by its
+    extract hook, after apt checked each against the signed archive): the kit's own lock."""
     from urllib.parse import unquote
     out = []
     if listing.is_file():
         for ln in listing.read_text().splitlines():
-            base, _, size = ln.rpartition(" ")
-            parts = unquote(base[:-4]).split("_") if base.endswith(".deb") else []
-            if len(parts) == 3 and size.isdigit():
-                out.append([parts[0], parts[1], parts[2], int(size)])
+            f = ln.split(" ")
+            if len(f) != 3 or not re.fullmatch(r"[0-9a-f]{64}", f[0]) or not f[1].isdigit() \
+                    or not f[2].endswith(".deb"):
+                continue
+            parts = unquote(f[2][:-4]).split("_")
+            if len(parts) == 3:
+                out.append([parts[0], parts[1], parts[2], int(f[1]), f[0]])
     return sorted(out)
 
 

@@ -39,6 +39,7 @@ DOMU_PREFIX = "[domu] "
 XEN_PREFIX = "ARMVM-XEN "
 MEMORY_MB = 2048                # Xen + Dom0 (1024M) + the DomU
 DOMU_MEMORY_MB = 512
+DOMU_VCPUS = 2                  # TCG runs the two QEMU vCPUs on two host threads
 HELPER_BYTES = 128 * 1024 * 1024
 MAX_DOMU_FILE = 1 << 30
 DEFAULT_SUITE = "trixie"
@@ -109,7 +110,7 @@ def domu_cmdline(cmdline: str) -> str:
 
 
 def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: str, name: str = DOMU_NAME,
-             memory_mb: int = DOMU_MEMORY_MB, vcpus: int = 1, disk: str = "@DISK@") -> str:
+             memory_mb: int = DOMU_MEMORY_MB, vcpus: int = DOMU_VCPUS, disk: str = "@DISK@") -> str:
     """The xl domain configuration (xl.cfg(5)); @DISK@ is replaced by Dom0's /init."""
     def q(v: str) -> str:
         if any(c in v for c in "\"\\\n\r"):
@@ -285,6 +286,15 @@ def verdict(*, goal_name: str, events: dict, end: dict, facts, timed_out: bool,
                   f"hypervisor={facts.hypervisor}")
 
 
+def kit_info(kit) -> dict:
+    import json
+    debs = json.loads((kit.dir / "packages.json").read_text())
+    return {"xen": kit.xen_version, "kernel": kit.kernel_version,
+            "packages": [list(p) for p in kit.packages], "cache": str(kit.dir),
+            "debs": len(debs), "debs_bytes": sum(d[3] for d in debs),
+            "lock": str(kit.dir / "packages.json")}
+
+
 def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOUT,
              until_login: bool = False, suite: str = DEFAULT_SUITE, domu_wait: int = DOMU_WAIT,
              log_path: Optional[Path] = None, qemu_args=(),
@@ -389,6 +399,5 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
                          killed_for=out.killed_for, until_login=until_login,
                          domu_console=domu_text)
     return XenResult(ok, reason, text, domu_text, events, spans(events), end, backend, cmd,
-                     {"xen": kit.xen_version, "kernel": kit.kernel_version,
-                      "packages": [list(p) for p in kit.packages], "cache": str(kit.dir)},
+                     kit_info(kit),
                      files.source, saved, domu_saved, out.status, out.timed_out)

@@ -103,6 +103,9 @@ def text(res, facts) -> str:
         lines += [f"  | {ln}" for ln in dom0]
     lines.append(f"timings: {format_spans(res.spans)}")
     lines.append(f"DomU kernel from: {res.domu_source or '?'}; no guest UEFI under Xen")
+    if res.kit.get("debs"):
+        lines.append(f"Dom0 kit: Xen {res.kit['xen']}, {res.kit['debs']} .debs "
+                     f"({res.kit['debs_bytes'] / 2**20:.0f} MiB), pinned in {res.kit['lock']}")
     for what, p in (("console log", res.log), ("DomU console log", res.domu_log)):
         if p:
             lines.append(f"{what}: {p}")
