@@ -89,3 +89,22 @@ def test_a_hung_machine_is_bounded(setup):
     res = setup([{"out": CONSOLE.splitlines()[0] + "\r\n"}, {"sleep": 60}, {"exit": 0}], timeout=3)
     assert not res.ok and res.timed_out and "timed out" in res.reason
     assert res.events["end"] < 30
+
+
+def test_checks_with_xen_adds_the_xen_rows(setup, monkeypatch, capsys):
+    """`boot --checks --xen`: the matrix boots (here the fake plays the same console for
+    every boot), then the Xen boot; the table gains rt.xen-boot, -console and -block."""
+    from builder.run import bootview, xen_cli
+    plan = [{"out": CONSOLE.replace("\n", "\r\n")}, {"exit": 0}]
+    (setup.dir / "plan.json").write_text(json.dumps(plan))
+    image = setup.dir / "vm.raw"
+    code = xen_cli.run(image, arch="auto", timeout=60, until_login=False, checks=True,
+                       log_path=setup.dir / "vm.boot.log", qemu_args=(), verbose=False,
+                       quiet=True, as_json=True, live=bootview.BootProgress(False), stem="vm")
+    out = json.loads(capsys.readouterr().out)
+    rows = {c["id"]: c for c in out["checks"]}
+    assert {rows[k]["result"] for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")} == {"pass"}
+    assert rows["rt.xen-block"]["detail"].startswith("[xen] vbd-51712")
+    assert [s["scenario"] for s in out["scenarios"]][-1] == "xen"
+    assert (setup.dir / "vm.boot.xen.log").is_file() and (setup.dir / "vm.boot.xen.domu.log").is_file()
+    assert code == (0 if out["ok"] else 1)
