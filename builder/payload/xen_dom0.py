@@ -31,7 +31,7 @@ from typing import Callable, Optional
 from builder import spec
 from builder.errors import ArmvmError
 
-FORMAT = "xen-dom0-9"
+FORMAT = "xen-dom0-10"
 DEBIAN_ARCH = "arm64"                   # Debian builds Xen for arm64 and amd64 only
 # Named packages; {x} is the Xen ABI version (4.20 in trixie) read from xen-utils-common.
 PACKAGES = ("xen-hypervisor-{x}-arm64", "xen-utils-{x}", "xen-utils-common", "xenstore-utils",

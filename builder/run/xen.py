@@ -109,9 +109,11 @@ def domu_cmdline(cmdline: str) -> str:
     return " ".join(args + ["console=hvc0"])
 
 
-def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: str, name: str = DOMU_NAME,
-             memory_mb: int = DOMU_MEMORY_MB, vcpus: int = DOMU_VCPUS, disk: str = "@DISK@") -> str:
-    """The xl domain configuration (xl.cfg(5)); @DISK@ is replaced by Dom0's /init."""
+def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: Optional[str], name: str = DOMU_NAME,
+             memory_mb: int = DOMU_MEMORY_MB, vcpus: int = DOMU_VCPUS, disk: str = "@DISK@",
+             vuart: bool = False) -> str:
+    """The xl domain configuration (xl.cfg(5)); @DISK@ is replaced by Dom0's /init. A guest
+    firmware boot: kernel = the firmware, no ramdisk or extra, vuart = an SBSA UART."""
     def q(v: str) -> str:
         if any(c in v for c in "\"\\\n\r"):
             raise ArmvmError(f"xl configuration: value {v!r} holds a quote, backslash or "
@@ -124,7 +126,11 @@ def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: str, name: str = DOM
     lines = [f"name = {q(name)}", f"kernel = {q(kernel)}"]
     if ramdisk:
         lines.append(f"ramdisk = {q(ramdisk)}")
-    lines += [f"extra = {q(extra)}", f"memory = {int(memory_mb)}", f"vcpus = {int(vcpus)}",
+    if extra is not None:
+        lines.append(f"extra = {q(extra)}")
+    if vuart:
+        lines.append('vuart = "sbsa_uart"')
+    lines += [f"memory = {int(memory_mb)}", f"vcpus = {int(vcpus)}",
               f"disk = [ {q(f'format=raw, vdev=xvda, access=rw, target={disk}')} ]",
               'on_poweroff = "destroy"', 'on_reboot = "destroy"', 'on_crash = "destroy"']
     return "\n".join(lines) + "\n"
@@ -147,7 +153,10 @@ def boot_cpio(path: Path, files: DomUFiles, cfg: str, settings: str) -> None:
     domu.cfg,settings}."""
     from builder.payload.cpio import NewcArchive
     c = NewcArchive(TIMESTAMP)
-    c.add_file("xen/vmlinuz", files.kernel)
+    if files.kind == "firmware":
+        c.add_file("xen/XEN_EFI.fd", files.kernel)
+    else:
+        c.add_file("xen/vmlinuz", files.kernel)
     if files.initrd is not None:
         c.add_file("xen/initrd", files.initrd)
     c.add_file("xen/domu.cfg", cfg.encode())
@@ -301,8 +310,10 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
              on_line: Optional[Callable[[str], None]] = None,
              on_event: Optional[Callable[[str, float], None]] = None,
              say: Optional[Callable[[str], None]] = None, archive=None, cache=None,
-             cancel=None) -> XenResult:
-    """Boot `image` as a Xen DomU (see the module docstring)."""
+             cancel=None, guest_firmware: Optional[Path] = None) -> XenResult:
+    """Boot `image` as a Xen DomU (see the module docstring). guest_firmware: an edk2
+    ArmVirtXen XEN_EFI.fd to start as the DomU's kernel instead of the image's kernel (the
+    firmware then boots the image's removable-path loader from xvda; experimental)."""
     from builder.console import ConsoleWatcher
     from builder.run.boot import _run, boot_tempdir, save_log, signals_as_interrupt
     from builder.run.qemu import find_firmware, find_qemu, probe_image
@@ -334,10 +345,18 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
     kit = dom0_kit(archive, cache or archive.cache, timestamp=TIMESTAMP, say=say)
     goal = "login:" if until_login else spec.BOOT_MARKER
     with signals_as_interrupt(), boot_tempdir() as tmp:
-        files = domu_files(Path(image), tmp)
-        cfg = domu_cfg(kernel="/xen/vmlinuz",
-                       ramdisk="/xen/initrd" if files.initrd is not None else None,
-                       extra=domu_cmdline(files.cmdline))
+        if guest_firmware is not None:
+            fw = Path(guest_firmware)
+            if not fw.is_file() or not 0 < fw.stat().st_size <= 64 << 20:
+                raise ArmvmError(f"--xen-firmware {fw}: not a file of at most 64 MiB")
+            files = DomUFiles(fw, None, "", "firmware", f"guest firmware {fw.name} "
+                              "(the image's own loader from xvda)")
+            cfg = domu_cfg(kernel="/xen/XEN_EFI.fd", ramdisk=None, extra=None, vuart=True)
+        else:
+            files = domu_files(Path(image), tmp)
+            cfg = domu_cfg(kernel="/xen/vmlinuz",
+                           ramdisk="/xen/initrd" if files.initrd is not None else None,
+                           extra=domu_cmdline(files.cmdline))
         boot_cpio(tmp / "boot.cpio", files, cfg,
                   dom0_settings(goal=goal, after="destroy" if until_login else "wait",
                                 wait=domu_wait))
@@ -347,7 +366,7 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
                 with open(part, "rb") as r:
                     shutil.copyfileobj(r, w, 1 << 20)
         for p in (files.kernel, files.initrd, tmp / "boot.cpio"):
-            if p is not None:
+            if p is not None and tmp in p.parents:
                 p.unlink()
         (tmp / "BOOTAA64.cfg").write_text(xen_cfg())
         helper_disk(tmp / "xenboot.raw", {"EFI/BOOT/BOOTAA64.EFI": kit.xen_efi,

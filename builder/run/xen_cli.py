@@ -19,7 +19,7 @@ def _timeout(t: float) -> float:
 
 def run(image: Path, *, arch: str, timeout: float, until_login: bool, checks: bool,
         log_path: Path, qemu_args, verbose: bool, quiet: bool, as_json: bool, live,
-        stem: str) -> int:
+        stem: str, guest_firmware=None) -> int:
     from builder.run import bootcheck, xen
     from builder.verify.runtime import parse_runtime_report, xen_checks
     chatty = not (quiet or as_json)
@@ -44,7 +44,7 @@ def run(image: Path, *, arch: str, timeout: float, until_login: bool, checks: bo
         try:
             res = xen.boot_xen(image, arch=arch, timeout=_timeout(timeout),
                                until_login=until_login, log_path=log_path,
-                               qemu_args=qemu_args, say=say,
+                               qemu_args=qemu_args, say=say, guest_firmware=guest_firmware,
                                on_line=lambda ln: [f(ln) for f in lines + [task.on_line]],
                                on_event=task.on_event)
         finally:
@@ -102,7 +102,8 @@ def text(res, facts) -> str:
         lines.append(f"last {len(dom0)} Xen/Dom0 console lines:" if dom0 else "no console output")
         lines += [f"  | {ln}" for ln in dom0]
     lines.append(f"timings: {format_spans(res.spans)}")
-    lines.append(f"DomU kernel from: {res.domu_source or '?'}; no guest UEFI under Xen")
+    lines.append(f"DomU started: {res.domu_source or '?'}" + (
+        "" if "firmware" in (res.domu_source or "") else "; no guest UEFI under Xen"))
     if res.kit.get("debs"):
         lines.append(f"Dom0 kit: Xen {res.kit['xen']}, {res.kit['debs']} .debs "
                      f"({res.kit['debs_bytes'] / 2**20:.0f} MiB), pinned in {res.kit['lock']}")

@@ -223,8 +223,10 @@ def xen_checks(facts: RuntimeFacts, *, scenario: dict, profile: str = "vmspec-2.
     hv = facts.hypervisor
     reached = facts.marker or bool(scenario.get("reached_goal"))
     if hv == "xen" and reached:
+        how = ("the DomU booted through guest UEFI firmware (efi=1): the image's own loader "
+               "ran" if facts.efi else NO_GUEST_UEFI)
         r["rt.xen-boot"] = ("pass", f"hypervisor=xen, {spec.BOOT_MARKER} reached (kernel "
-                                    f"{facts.kernel or '?'}); {NO_GUEST_UEFI}")
+                                    f"{facts.kernel or '?'}); {how}")
     else:
         r["rt.xen-boot"] = ("fail", f"hypervisor={hv or 'not reported'}, marker "
                                     f"{'seen' if reached else 'not seen'}"

@@ -47,15 +47,20 @@ done
 [ -b "$disk" ] || end "result=error the image disk (virtio serial $IMAGE_SERIAL) is missing"
 say "dom0-ready image=$disk"
 sed "s|@DISK@|$disk|" /xen/domu.cfg > /run/domu.cfg
+# The DomU's PV console, and its emulated SBSA UART (vuart = "sbsa_uart": a guest firmware
+# boot whose kernel writes to ttyAMA0) when it has one.
 log=/var/log/xen/console/guest-$DOMU_NAME.log
-: > "$log"
-tail -n +1 -f "$log" 2>/dev/null | while IFS= read -r line; do echo "[domu] $line"; done &
+vlog=/var/log/xen/console/guest-$DOMU_NAME-vuart0.log
+for f in "$log" "$vlog"; do
+    : > "$f"
+    tail -n +1 -f "$f" 2>/dev/null | while IFS= read -r line; do echo "[domu] $line"; done &
+done
 xl create /run/domu.cfg || end "result=error xl create failed"
 say "domu-created $(xl domid "$DOMU_NAME" 2>/dev/null | sed 's/^/domid=/')"
 # Bounded: at most $DOMU_WAIT seconds by the clock (a loaded host slows each round).
 result=timeout n=0 start=$(date +%s)
 while [ $(($(date +%s) - start)) -lt "$DOMU_WAIT" ]; do
-    if grep -q -F -e "$GOAL" "$log"; then result=goal; break; fi
+    if grep -q -F -e "$GOAL" "$log" "$vlog"; then result=goal; break; fi
     if [ $((n % 4)) = 3 ] && ! xl domid "$DOMU_NAME" >/dev/null 2>&1; then result=gone; break; fi
     sleep 0.5
     n=$((n + 1))
