@@ -346,3 +346,16 @@ def test_missing_xen_package_in_the_mirror():
     known["xen-hypervisor-4.20-arm64"] = v
     x, named = xen_dom0.resolve_packages(_Archive(known))
     assert x == "4.20" and ("xen-utils-4.20", v) in named and len(named) == len(xen_dom0.PACKAGES)
+
+
+def test_domu_cfg_for_a_guest_firmware():
+    cfg = xen.domu_cfg(kernel="/xen/XEN_EFI.fd", ramdisk=None, extra=None, vuart=True)
+    assert 'kernel = "/xen/XEN_EFI.fd"' in cfg and 'vuart = "sbsa_uart"' in cfg
+    assert "extra" not in cfg and "ramdisk" not in cfg
+
+
+def test_xen_firmware_needs_xen(tmp_path):
+    img = imagegen.build_image(tmp_path, imagegen.ImageSpec())
+    r = subprocess.run([sys.executable, "-m", "builder", "boot", str(img), "--xen-firmware",
+                        str(tmp_path / "x.fd")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "only with --xen" in r.stderr
