@@ -72,6 +72,8 @@ def test_domu_cmdline_swaps_the_console():
     assert xen.domu_cmdline("console=ttyAMA0 panic=-1 root=UUID=abc earlycon") == \
         "panic=-1 root=UUID=abc console=hvc0"
     assert xen.domu_cmdline("") == "console=hvc0"
+    assert xen.domu_cmdline("root=UUID=1 console=ttyAMA0", slow_devices=True) == \
+        "root=UUID=1 systemd.default_device_timeout_sec=300 console=hvc0"
 
 
 def test_domu_cfg():

@@ -106,10 +106,14 @@ def domu_files(image: Path, dest: Path) -> DomUFiles:
     return out
 
 
-def domu_cmdline(cmdline: str) -> str:
-    """The image's command line with its consoles replaced by the Xen PV console."""
+def domu_cmdline(cmdline: str, *, slow_devices: bool = False) -> str:
+    """The image's command line with its consoles replaced by the Xen PV console. With
+    slow_devices (a real OS under --until-login), systemd waits 300 s instead of 90 s for
+    devices such as /dev/hvc0: under TCG in a DomU udev's coldplug took longer than 90 s
+    here, and serial-getty@hvc0 was then skipped."""
     args = [a for a in cmdline.split() if not CONSOLE_ARG.match(a)]
-    return " ".join(args + ["console=hvc0"])
+    extra = ["systemd.default_device_timeout_sec=300"] if slow_devices else []
+    return " ".join(args + extra + ["console=hvc0"])
 
 
 def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: Optional[str], name: str = DOMU_NAME,
@@ -361,7 +365,7 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
             files = domu_files(Path(image), tmp)
             cfg = domu_cfg(kernel="/xen/vmlinuz",
                            ramdisk="/xen/initrd" if files.initrd is not None else None,
-                           extra=domu_cmdline(files.cmdline))
+                           extra=domu_cmdline(files.cmdline, slow_devices=until_login))
         boot_cpio(tmp / "boot.cpio", files, cfg,
                   dom0_settings(goal=goal, after="destroy" if until_login else "wait",
                                 wait=domu_wait))
