@@ -289,7 +289,7 @@ def verdict(*, goal_name: str, events: dict, end: dict, facts, timed_out: bool,
     if status not in (0, None):
         return False, f"QEMU exited with status {status} after the DomU's {goal_name}"
     if until_login:
-        m = re.search(r"armvm-init: root (\S+) is (/dev/\S+)", domu_console)
+        m = re.search(r"armvm-init: root (\S+) is (/dev/[^\s;]+)", domu_console)
         if not m or not m.group(2).startswith("/dev/xvda"):
             return False, ("login prompt seen, but the DomU did not report its root on xvda"
                            + (f" (root {m.group(1)} is {m.group(2)})" if m else ""))
