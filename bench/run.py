@@ -219,7 +219,7 @@ def print_table(rows: list) -> None:
 
 def main() -> None:
     rows: list = []
-    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))   # assembly,resolve,debian,probe,boot,checks,server,sb_verify,sb,outputs
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))   # assembly,resolve,debian,probe,boot,checks,server,sb_verify,sb,outputs,xen
     print(f"# armvm-build benchmark: median of {RUNS} runs, {os.cpu_count()} cores", flush=True)
     # An installed package has its bytecode compiled at install time; an editable checkout
     # run with PYTHONDONTWRITEBYTECODE=1 would compile ~40 modules (0.3 s) on every start.
@@ -229,7 +229,7 @@ def main() -> None:
         bench_assembly(rows)
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here))
-    for extra in ("resolve", "debian", "probe", "boot", "checks", "server", "sb_verify", "sb", "outputs"):
+    for extra in ("resolve", "debian", "probe", "boot", "checks", "server", "sb_verify", "sb", "outputs", "xen"):
         if not only or extra in only:
             __import__(f"{extra}_bench").run(rows, measure)
     print_table(rows)

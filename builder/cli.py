@@ -244,6 +244,11 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
                                                    "AAVMF_VARS.ms.fd), snakeoil (Debian's test key) or a VARS file "
                                                    "(`armvm-build keys`); a refusal ends the boot at once; with --checks "
                                                    "adds rt.secureboot."),
+         xen: bool = typer.Option(False, "--xen", help="AArch64: boot the image as a Xen DomU (Debian's Xen under "
+                                  "QEMU TCG, Dom0 from Debian packages); with --checks, adds rt.xen-* checks."),
+         xen_firmware: Optional[Path] = typer.Option(None, "--xen-firmware", help="With --xen: an edk2 ArmVirtXen "
+                                                     "XEN_EFI.fd started as the DomU, which then boots the image's "
+                                                     "own loader from xvda (experimental; Debian ships none)."),
          direct: bool = typer.Option(False, "--direct", help="Boot <name>.vmlinuz/.initrd/.cmdline beside the image "
                                      "with -kernel/-initrd/-append (no firmware; outside the spec's image contract)."),
          interactive: bool = typer.Option(False, "--interactive", help="Serial console on this terminal; no marker wait."),
@@ -268,6 +273,12 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         raise typer.BadParameter("Secure Boot needs the firmware; drop --direct", param_hint="--secure-boot")
     if report and (checks or interactive):
         raise typer.BadParameter("--report draws one boot; not with --checks or --interactive", param_hint="--report")
+    if xen_firmware is not None and not xen:
+        raise typer.BadParameter("only with --xen", param_hint="--xen-firmware")
+    if xen and (direct or interactive or gic is not None or acpi is not None or expect is not None):
+        raise typer.BadParameter("--xen boots its own machine (GICv3, device tree) and waits for the marker or "
+                                 "login prompt; drop --direct, --interactive, --gic, --acpi and --expect",
+                                 param_hint="--xen")
     from builder.run import bootcheck
     from builder.run import bootview
     from builder.errors import NotAnImageError
@@ -277,6 +288,12 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
     try:
         if not image.is_file():
             raise NotAnImageError(f"{image}: no such image file")
+        if xen:
+            from builder.run import xen_cli
+            code = xen_cli.run(image, arch=arch, timeout=timeout, until_login=until_login, checks=checks,
+                               log_path=log_path, qemu_args=qemu_arg, verbose=verbose, quiet=quiet,
+                               as_json=as_json, live=live, stem=stem, guest_firmware=xen_firmware)
+            raise typer.Exit(code)
         if checks:
             if arch == "auto":
                 arch = bootcheck.detect_arch(image)

@@ -165,12 +165,21 @@ _DEFS = [
     CheckDef("rt.secureboot", "MUST", "With --secure-boot: the firmware enforces Secure Boot, "
              "accepts the signed chain and the guest reports SecureBoot=1 (efivarfs)",
              "UEFI 2.10 §32 (Secure Boot and Driver Signing), §3.3 (SecureBoot variable)"),
+    # Xen: observed by booting the image as a Xen DomU (`boot --xen`; builder/run/xen.py).
+    CheckDef("rt.xen-boot", "MUST", "The image's kernel and initramfs boot as a Xen DomU "
+             "(hypervisor=xen) and reach the marker", "{spec}, {images}"),
+    CheckDef("rt.xen-console", "SHOULD", "Under Xen the console runs on the Xen PV console "
+             "(hvc0)", "{spec}, {images}", must_under=_OLD),
+    CheckDef("rt.xen-block", "MUST", "Under Xen the disk is bound by xen-blkfront",
+             "{spec}, {images}"),
 ]
 CHECKS = {d.id: d for d in _DEFS}
 STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith(("rt.", "sb.")))
 # Secure Boot: reported when the loader is signed or verify is asked (--secure-boot)
 SB_IDS = tuple(d.id for d in _DEFS if d.id.startswith("sb."))
-RUNTIME_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt."))
+# Xen: joined to the runtime checks by boot --xen only
+XEN_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt.xen-"))
+RUNTIME_IDS = tuple(d.id for d in _DEFS if d.id.startswith("rt.") and d.id not in XEN_IDS)
 
 
 def check_profile(profile: str) -> str:

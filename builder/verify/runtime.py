@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from builder import spec
-from builder.verify.catalog import RUNTIME_IDS, make_check
+from builder.verify.catalog import RUNTIME_IDS, XEN_IDS, make_check
 
 ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[()][0-9A-Za-z]"
                      r"|[@-Z\\-_=>78])")
@@ -54,6 +54,9 @@ class RuntimeFacts:
     marker: bool = False
     kernel_started: bool = False
     report_lines: int = 0
+    # Xen (boot --xen): /sys/hypervisor/type, and xenbus devices with their drivers
+    hypervisor: Optional[str] = None                 # 'xen' | 'none' | other, None: unreported
+    xen_devices: list = field(default_factory=list)  # (name, driver): ('vbd-51712', 'vbd')
 
 
 def strip_ansi(line: str) -> str:
@@ -81,6 +84,12 @@ def parse_runtime_report(console_text: str) -> RuntimeFacts:
             if "=" in tok:
                 k, v = tok.split("=", 1)
                 kv.setdefault(k, v)
+        if "hypervisor" in kv:                        # Xen report lines (boot --xen)
+            facts.hypervisor = kv["hypervisor"]
+            continue
+        if "xen-device" in kv:
+            facts.xen_devices.append((kv["xen-device"], kv.get("driver", "none")))
+            continue
         if "virtio" in kv:
             dev_id = kv.get("id", "")
             facts.virtio.append(VirtioDevice(kv["virtio"], int(dev_id) if re.fullmatch(
@@ -215,6 +224,48 @@ def _virtio(facts: RuntimeFacts, scenario: dict) -> tuple:
     if missing:
         return "fail", "no bound driver for: " + ", ".join(missing)
     return "pass", "bound: " + ", ".join(seen)
+
+
+# --- Xen (boot --xen) ------------------------------------------------------------------
+
+XEN_BLOCK_DRIVERS = ("vbd",)         # xen-blkfront's xenbus driver name
+XEN_NET_DRIVERS = ("vif",)           # xen-netfront's
+NO_GUEST_UEFI = ("the DomU started the image's kernel and initramfs directly (xl kernel=/"
+                 "ramdisk=): Debian ships no Xen guest UEFI firmware for arm64 (edk2 "
+                 "ArmVirtXen), so the image's UEFI loader is not exercised under Xen")
+
+
+def xen_checks(facts: RuntimeFacts, *, scenario: dict, profile: str = "vmspec-2.0") -> list:
+    """rt.xen-* checks from the DomU's report. scenario: {"reached_goal": bool, "ok": bool,
+    "reason": str}."""
+    r = {}
+    hv = facts.hypervisor
+    reached = facts.marker or bool(scenario.get("reached_goal"))
+    if hv == "xen" and reached:
+        how = ("the DomU booted through guest UEFI firmware (efi=1): the image's own loader "
+               "ran" if facts.efi else NO_GUEST_UEFI)
+        r["rt.xen-boot"] = ("pass", f"hypervisor=xen, {spec.BOOT_MARKER} reached (kernel "
+                                    f"{facts.kernel or '?'}); {how}")
+    else:
+        r["rt.xen-boot"] = ("fail", f"hypervisor={hv or 'not reported'}, marker "
+                                    f"{'seen' if reached else 'not seen'}"
+                            + (f": {scenario['reason']}" if scenario.get("reason") and
+                               not scenario.get("ok") else ""))
+    hvc = [(n, d) for n, d in facts.consoles if n.startswith("hvc")]
+    if facts.report_lines == 0:
+        for cid in ("rt.xen-console", "rt.xen-block"):
+            r[cid] = ("fail", f"no {spec.REPORT_PREFIX} lines from the DomU")
+    else:
+        r["rt.xen-console"] = ("pass", f"{hvc[0][0]} driven by {hvc[0][1]}") \
+            if hvc and hvc[0][1] == "xen" else \
+            ("fail", "no hvc console on the Xen PV driver (consoles: " +
+             (", ".join(f"{n}:{d}" for n, d in facts.consoles) or "none") + ")")
+        vbd = [(n, d) for n, d in facts.xen_devices if n.startswith("vbd")]
+        bound = [(n, d) for n, d in vbd if d in XEN_BLOCK_DRIVERS]
+        r["rt.xen-block"] = ("pass", f"{bound[0][0]} bound to xen-blkfront ({bound[0][1]})") \
+            if bound else ("fail", "no Xen block device bound to xen-blkfront (xen devices: " +
+                           (", ".join(f"{n}:{d}" for n, d in facts.xen_devices) or "none") + ")")
+    return [make_check(cid, profile, *r[cid]) for cid in XEN_IDS]
 
 
 def merge_runtime(runs: list) -> list:

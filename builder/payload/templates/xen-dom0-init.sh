@@ -1,0 +1,81 @@
+#!/bin/sh
+# /init of the Xen Dom0 of `armvm-build boot --xen` (busybox sh, Debian's Xen tools).
+# Starts xenstored, xen-init-dom0 and xenconsoled, creates the DomU from /xen/domu.cfg
+# with the image under test (the virtio disk whose serial is $IMAGE_SERIAL) as xvda, copies
+# the DomU console to this console with a "[domu] " prefix, waits (bounded) for $GOAL in it,
+# then removes the DomU and powers the machine off. Lines for armvm-build: "ARMVM-XEN ...".
+export PATH=/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+say() { echo "ARMVM-XEN $*"; }
+end() {
+    say "dom0-end $*"
+    sync
+    poweroff -f
+    exec sh
+}
+. /etc/armvm-xen-dom0
+. /xen/settings || end "result=error no /xen/settings"
+# Xen's block hotplug script runs `stat /dev/stdin` (locking.sh): devtmpfs creates neither
+# /dev/stdin nor /dev/fd, and without them the script loops until its 40 s timeout.
+ln -sf /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mkdir -p /run/xen /run/xenstored /run/lock
+say "dom0-init kernel=$(uname -r) hypervisor=$(cat /sys/hypervisor/type 2>/dev/null || echo none)"
+for m in $MODULES; do
+    insmod "$m" || say "insmod $m failed"
+done
+mount -t xenfs xenfs /proc/xen || end "result=error cannot mount xenfs"
+XB=/usr/lib/xen-$XEN_VERSION/bin
+$XB/xenstored --pid-file=/run/xenstored.pid || end "result=error xenstored failed"
+$XB/xen-init-dom0 || end "result=error xen-init-dom0 failed"
+mkdir -p /var/log/xen/console
+$XB/xenconsoled --log=guest --log-dir=/var/log/xen/console --pid-file=/run/xenconsoled.pid \
+    || end "result=error xenconsoled failed"
+disk=
+for b in /sys/block/vd*; do
+    [ "$(cat "$b/serial" 2>/dev/null)" = "$IMAGE_SERIAL" ] && disk=/dev/${b##*/}
+done
+[ -b "$disk" ] || end "result=error the image disk (virtio serial $IMAGE_SERIAL) is missing"
+say "dom0-ready image=$disk"
+sed "s|@DISK@|$disk|" /xen/domu.cfg > /run/domu.cfg
+# The DomU's PV console, and its emulated SBSA UART (vuart = "sbsa_uart": a guest firmware
+# boot whose kernel writes to ttyAMA0) when it has one.
+log=/var/log/xen/console/guest-$DOMU_NAME.log
+vlog=/var/log/xen/console/guest-$DOMU_NAME-vuart0.log
+for f in "$log" "$vlog"; do
+    : > "$f"
+    tail -n +1 -f "$f" 2>/dev/null | while IFS= read -r line; do echo "[domu] $line"; done &
+done
+xl create /run/domu.cfg || end "result=error xl create failed"
+say "domu-created $(xl domid "$DOMU_NAME" 2>/dev/null | sed 's/^/domid=/')"
+# Bounded: at most $DOMU_WAIT seconds by the clock (a loaded host slows each round).
+result=timeout n=0 start=$(date +%s)
+while [ $(($(date +%s) - start)) -lt "$DOMU_WAIT" ]; do
+    if grep -q -F -e "$GOAL" "$log" "$vlog"; then result=goal; break; fi
+    if [ $((n % 4)) = 3 ] && ! xl domid "$DOMU_NAME" >/dev/null 2>&1; then result=gone; break; fi
+    sleep 0.5
+    n=$((n + 1))
+done
+say "domu-$result after $(($(date +%s) - start)) s"
+for be in /local/domain/0/backend/vbd; do
+    xenstore-ls -f "$be" 2>/dev/null | grep -E '/(state|physical-device|mode|params) ' | \
+        sed 's/^/ARMVM-XEN backend /'
+done
+if [ "$result" = goal ] && [ "$AFTER" = wait ]; then
+    # the DomU powers itself off after its marker: give it a moment to go
+    n=0
+    while [ "$n" -lt 30 ] && xl domid "$DOMU_NAME" >/dev/null 2>&1; do sleep 0.5; n=$((n + 1)); done
+    xl domid "$DOMU_NAME" >/dev/null 2>&1 && say "domu-still-running" || say "domu-poweroff"
+fi
+sleep 1
+xl destroy "$DOMU_NAME" >/dev/null 2>&1
+end "result=$result"
