@@ -166,6 +166,18 @@ def test_enabling_a_missing_unit_names_it(tmp_path):
         hygiene.enable_unit(tmp_path, "systemd-networkd.service", mtime=TS)
 
 
+
+def test_a_unit_the_recipe_ships_can_be_enabled(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    unit = tmp_path / "probe.service"
+    unit.write_text("[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
+    hygiene.apply(root, hostname="vm", fs_uuid=str(uuid.UUID(int=1)), fstype="ext4", mtime=TS,
+                  password_hash=None, dhcp=False, enable=["probe.service"],
+                  files=[(unit, "etc/systemd/system/probe.service", 0o644)])
+    link = root / "etc/systemd/system/multi-user.target.wants/probe.service"
+    assert os.readlink(link) == "/etc/systemd/system/probe.service"
+
 # --- recipes ---------------------------------------------------------------------------------
 
 BASE = """
