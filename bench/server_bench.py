@@ -84,7 +84,12 @@ def _profile(name: str, d: Path, env: dict) -> dict:
     subprocess.run([ARMVM, "boot", str(d / "out" / f"{name}-profile.raw"), "--json", "--timeout", "600",
                     "--expect", "ARMVM-PROFILE-END", "--log", str(log)],
                    capture_output=True, text=True, timeout=900, env=env)
-    return parse_profile(log.read_text(errors="replace")) if log.exists() else {}
+    if not log.exists():
+        return {}
+    text = log.read_text(errors="replace")
+    block = text[text.rfind("ARMVM-PROFILE-BEGIN"):text.rfind("ARMVM-PROFILE-END")]
+    print(f"# {name}, the guest's view:\n{block.strip()}", file=sys.stderr, flush=True)
+    return parse_profile(text)
 
 
 def _load() -> str:
