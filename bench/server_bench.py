@@ -8,9 +8,10 @@ once the boot is finished, then powers off (the guest's clock runs on the host's
 not immune to a loaded host either, but it leaves out the firmware and QEMU's start-up).
 BENCH_SERVER=arm64,armhf picks the recipes (default both), BENCH_SERVER_RECIPES=DIR takes
 them from another folder (to compare two versions); BENCH_SERVER_COLD=0 skips the cold build
-and rebuilds warm from the normal cache (after one build that makes it warm); the CPU seconds
-QEMU used are noted beside each boot (unlike the wall clock, barely moved by other jobs); BENCH_SERVER_PROFILE=0 skips the guest's
-view. The 1-minute load average is noted beside each figure: the host is shared."""
+and rebuilds warm from the normal cache (after one build that makes it warm);
+BENCH_SERVER_PROFILE=0 skips the guest's view. The CPU seconds QEMU used are noted beside
+each boot (unlike the wall clock, barely moved by other jobs), and the 1-minute load average
+beside each figure: the host is shared."""
 from __future__ import annotations
 
 import json
