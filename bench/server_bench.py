@@ -33,6 +33,8 @@ Description=armvm-build bench: the guest's view of its start-up
 Type=simple
 Environment=SYSTEMD_COLORS=0 SYSTEMD_PAGER=
 ExecStart=/bin/sh -c 'until systemd-analyze time >/dev/null 2>&1; do sleep 1; done; \\
+  timeout 60 sh -c "until systemctl -q is-active serial-getty@ttyAMA0.service; do sleep 1; done"; \\
+  sleep 5; \\
   { echo ARMVM-PROFILE-BEGIN; systemd-analyze time; systemd-analyze blame | head -n 12; \\
     systemd-analyze critical-chain serial-getty@ttyAMA0.service; echo ARMVM-PROFILE-END; } >/dev/console 2>&1; \\
   systemctl poweroff'
@@ -64,6 +66,10 @@ def parse_profile(log: str) -> dict:
     m = re.search(r"serial-getty@\S+ @(.+?)\s*$", block, re.M)
     if m:
         out["getty"] = seconds(m.group(1))
+    else:       # the getty line lost on the console: the getty starts when user-sessions ends
+        m = re.search(r"systemd-user-sessions\.service @(.+?) \+(.+?)\s*$", block, re.M)
+        if m and seconds(m.group(1)) is not None and seconds(m.group(2)) is not None:
+            out["getty"] = seconds(m.group(1)) + seconds(m.group(2))
     for line in block.splitlines():
         b = re.fullmatch(r"\s*((?:\d+min )?[\d.]+m?s) (\S+\.(?:service|mount|device|socket|target))\s*", line)
         if b and len(out["blame"]) < 5:
