@@ -127,7 +127,9 @@ def test_warm_rebuild_needs_no_mmdebstrap(built, tmp_path):
 @pytest.mark.boot
 def test_boots_to_login_and_powers_off(built):
     name, d, _ = built
-    res = cli("boot", d / "out" / f"{name}.raw", "--until-login", "--json", timeout=900)
+    # 600 s, not the runner's default 180 s: on this shared 2-core host (six jobs, cpu
+    # pressure ~97 %) the login prompt took 110-300 s; no timing is asserted here.
+    res = cli("boot", d / "out" / f"{name}.raw", "--until-login", "--json", "--timeout", "600", timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     report = json.loads(res.stdout)
     assert report["ok"] is True

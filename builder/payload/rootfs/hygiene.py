@@ -232,10 +232,10 @@ def apply(root: Path, *, hostname: str, fs_uuid: str, fstype: str, mtime: int,
     for stamp in ("etc/.updated", "var/.updated"):
         if resolve_in(root, stamp.split("/")[0]).is_dir():
             write_file(root, stamp, UPDATED_STAMP.format(nsec=mtime * 1_000_000_000).encode(), mtime=mtime)
-    for unit in enable:
-        enable_unit(root, unit, mtime=mtime)
-    for src, dest, mode in files:
+    for src, dest, mode in files:        # before enabling: a recipe may ship its own unit
         parent = str(PurePosixPath(dest).parent)
         if parent not in ("", "."):
             make_dirs(root, parent, mtime=mtime, mode=0o700 if parent.endswith(".ssh") else 0o755)
         write_file(root, dest, Path(src).read_bytes(), mode, mtime=mtime)
+    for unit in enable:
+        enable_unit(root, unit, mtime=mtime)
