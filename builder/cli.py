@@ -289,10 +289,12 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
         if not image.is_file():
             raise NotAnImageError(f"{image}: no such image file")
         if xen:
+            from builder.payload import xen_boot      # the writers run/ must not import
             from builder.run import xen_cli
             code = xen_cli.run(image, arch=arch, timeout=timeout, until_login=until_login, checks=checks,
                                log_path=log_path, qemu_args=qemu_arg, verbose=verbose, quiet=quiet,
-                               as_json=as_json, live=live, stem=stem, guest_firmware=xen_firmware)
+                               as_json=as_json, live=live, stem=stem, guest_firmware=xen_firmware,
+                               stager=xen_boot)
             raise typer.Exit(code)
         if checks:
             if arch == "auto":

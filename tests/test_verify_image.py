@@ -286,3 +286,22 @@ def test_readers_are_independent_of_the_writers():
             for n in names:
                 if n == "builder" or n.startswith("builder."):
                     assert n.startswith(allowed) or n == "builder", (path.name, n)
+
+
+def test_runners_import_no_writer():
+    """run/ (QEMU, the boot runner, the Xen runner) reads images with verify's readers and
+    imports no writer (DATAFLOW.md): what it boots from is built by payload/ and handed in."""
+    import ast
+    import builder.run as run
+    allowed = ("builder.spec", "builder.errors", "builder.console", "builder.verify", "builder.run")
+    for path in sorted(Path(run.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names
+                                         if node.module == "builder"]
+            for n in names:
+                if n.startswith("builder."):
+                    assert n.startswith(allowed), (path.name, n)

@@ -13,7 +13,7 @@ import pytest
 
 from builder import spec
 from builder.errors import EXIT_USAGE, ArmvmError
-from builder.payload import xen_dom0
+from builder.payload import xen_boot, xen_dom0
 from builder.run import xen
 from builder.verify.runtime import parse_runtime_report, xen_checks
 from tests import imagegen
@@ -129,7 +129,7 @@ def test_helper_disk_judged_by_external_tools(tmp_path):
         (tmp_path / name).write_bytes(data)
         files[name] = tmp_path / name
     disk = tmp_path / "helper.raw"
-    xen.helper_disk(disk, {"EFI/BOOT/BOOTAA64.EFI": files["xen.efi"],
+    xen_boot.helper_disk(disk, {"EFI/BOOT/BOOTAA64.EFI": files["xen.efi"],
                            "EFI/BOOT/BOOTAA64.cfg": files["cfg"],
                            "EFI/BOOT/vmlinuz": files["vmlinuz"]})
     dump = subprocess.run(["sfdisk", "--dump", str(disk)], capture_output=True, text=True,
@@ -139,7 +139,7 @@ def test_helper_disk_judged_by_external_tools(tmp_path):
     esp = tmp_path / "esp.fat"
     with open(disk, "rb") as src, open(esp, "wb") as dst:
         src.seek(start * 512)
-        dst.write(src.read(xen.HELPER_BYTES))
+        dst.write(src.read(xen_boot.HELPER_BYTES))
     fsck = subprocess.run(["fsck.fat", "-n", str(esp)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     got = subprocess.run(["mtype", "-i", str(esp), "::/EFI/BOOT/BOOTAA64.cfg"], capture_output=True,
@@ -167,7 +167,7 @@ def test_boot_cpio_carries_the_domu(tmp_path):
     k.write_bytes(b"KERNEL")
     i.write_bytes(b"INITRD")
     f = xen.DomUFiles(k, i, "", "grub", "test")
-    xen.boot_cpio(tmp_path / "b.cpio", f, "CFG\n", "S=1\n")
+    xen_boot.boot_cpio(tmp_path / "b.cpio", f, "CFG\n", "S=1\n")
     out = tmp_path / "x"
     out.mkdir()
     subprocess.run(["cpio", "-id", "--quiet"], stdin=open(tmp_path / "b.cpio", "rb"), cwd=out,

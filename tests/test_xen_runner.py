@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.payload import xen_dom0
+from builder.payload import xen_boot, xen_dom0
 from builder.run import xen
 from tests import imagegen as g
 from tests.test_xen import CONSOLE
@@ -48,7 +48,7 @@ def setup(tmp_path, monkeypatch):
     def run(plan, **kw):
         plan_file.write_text(json.dumps(plan))
         kw.setdefault("timeout", 60)
-        return xen.boot_xen(image, archive=object(), cache=object(), log_path=tmp_path / "vm.boot.log",
+        return xen.boot_xen(image, archive=object(), cache=object(), log_path=tmp_path / "vm.boot.log", stager=xen_boot,
                             **kw)
     run.rec, run.dir = rec, tmp_path
     return run
@@ -100,7 +100,8 @@ def test_checks_with_xen_adds_the_xen_rows(setup, monkeypatch, capsys):
     image = setup.dir / "vm.raw"
     code = xen_cli.run(image, arch="auto", timeout=60, until_login=False, checks=True,
                        log_path=setup.dir / "vm.boot.log", qemu_args=(), verbose=False,
-                       quiet=True, as_json=True, live=bootview.BootProgress(False), stem="vm")
+                       quiet=True, as_json=True, live=bootview.BootProgress(False), stem="vm",
+                       stager=xen_boot)
     out = json.loads(capsys.readouterr().out)
     rows = {c["id"]: c for c in out["checks"]}
     assert {rows[k]["result"] for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")} == {"pass"}

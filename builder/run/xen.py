@@ -43,10 +43,8 @@ XEN_PREFIX = "ARMVM-XEN "
 MEMORY_MB = 2048                # Xen + Dom0 (1024M) + the DomU
 DOMU_MEMORY_MB = 512
 DOMU_VCPUS = 2                  # TCG runs the two QEMU vCPUs on two host threads
-HELPER_BYTES = 128 * 1024 * 1024
 MAX_DOMU_FILE = 1 << 30
 DEFAULT_SUITE = "trixie"
-TIMESTAMP = 1700000000          # the kit's file times (a boot helper, not a published output)
 NO_GUEST_UEFI = ("the DomU starts the image's kernel directly (xl kernel=/ramdisk=): no "
                  "Debian package ships Xen guest UEFI firmware for arm64 (edk2 ArmVirtXen), "
                  "so the image's removable-path loader is not exercised under Xen")
@@ -153,46 +151,6 @@ def dom0_settings(*, goal: str, after: str, wait: int = DOMU_WAIT) -> str:
         raise ArmvmError(f"DomU after-goal action {after!r} (allowed: wait, destroy)")
     return (f"DOMU_NAME={DOMU_NAME}\nIMAGE_SERIAL={IMAGE_SERIAL}\nDOMU_WAIT={int(wait)}\n"
             f"GOAL='{goal}'\nAFTER={after}\n")
-
-
-def boot_cpio(path: Path, files: DomUFiles, cfg: str, settings: str) -> None:
-    """The per-boot cpio appended to the cached Dom0 initramfs: /xen/{vmlinuz,initrd,
-    domu.cfg,settings}."""
-    from builder.payload.cpio import NewcArchive
-    c = NewcArchive(TIMESTAMP)
-    if files.kind == "firmware":
-        c.add_file("xen/XEN_EFI.fd", files.kernel)
-    else:
-        c.add_file("xen/vmlinuz", files.kernel)
-    if files.initrd is not None:
-        c.add_file("xen/initrd", files.initrd)
-    c.add_file("xen/domu.cfg", cfg.encode())
-    c.add_file("xen/settings", settings.encode())
-    with open(path, "wb") as f:
-        c.write(f)
-
-
-def helper_disk(path: Path, files: dict) -> None:
-    """A GPT disk with one FAT32 ESP holding `files` ({ESP path: host file})."""
-    import uuid
-    from builder.disk.fat32 import FatFile, write_fat32
-    from builder.disk.gpt import GptPartition, write_gpt
-    ss = 512
-    need = sum(Path(p).stat().st_size for p in files.values())
-    size = max(HELPER_BYTES, (need * 5 // 4 + (64 << 20)) // (1 << 20) * (1 << 20))
-    first, sectors = 2048, size // ss
-    vol_sectors = sectors - first - 2048
-    with open(path, "w+b") as f:
-        f.truncate(size)
-        write_gpt(f, sector_size=ss, disk_sectors=sectors,
-                  disk_guid=uuid.UUID("a5a5a5a5-0000-4000-8000-00000000a5a5"),
-                  partitions=[GptPartition(spec.ESP_TYPE_GUID,
-                                           uuid.UUID("a5a5a5a5-0000-4000-8000-0000000000e5"),
-                                           first, first + vol_sectors - 1, "XENBOOT")])
-        write_fat32(f, offset=first * ss, volume_bytes=vol_sectors * ss, sector_size=ss,
-                    files=[FatFile(dest, Path(src), Path(src).stat().st_size)
-                           for dest, src in sorted(files.items())],
-                    label="XENBOOT", serial=0xA5A5E5E5, timestamp=TIMESTAMP)
 
 
 def xen_qemu_command(*, qemu: str, firmware: tuple, helper: Path, image: Path,
@@ -317,10 +275,12 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
              on_line: Optional[Callable[[str], None]] = None,
              on_event: Optional[Callable[[str, float], None]] = None,
              say: Optional[Callable[[str], None]] = None, archive=None, cache=None,
-             cancel=None, guest_firmware: Optional[Path] = None) -> XenResult:
+             cancel=None, guest_firmware: Optional[Path] = None, stager=None) -> XenResult:
     """Boot `image` as a Xen DomU (see the module docstring). guest_firmware: an edk2
     ArmVirtXen XEN_EFI.fd to start as the DomU's kernel instead of the image's kernel (the
-    firmware then boots the image's removable-path loader from xvda; experimental)."""
+    firmware then boots the image's removable-path loader from xvda; experimental). stager:
+    what builds the Dom0 kit and the helper disk (builder.payload.xen_boot, passed in by the
+    CLI so that run/ imports no writer)."""
     from builder.console import ConsoleWatcher
     from builder.run.boot import _run, boot_tempdir, save_log, signals_as_interrupt
     from builder.run.qemu import find_firmware, find_qemu, probe_image
@@ -341,15 +301,9 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
                          "to the DomU as xvda with 512-byte sectors only")
     qemu = find_qemu("aarch64")
     code, vars_template = find_firmware("aarch64")
-    if archive is None:
-        from builder.inputs.cache import Cache, default_cache_root
-        from builder.inputs.debian.archive import DebianArchive
-        from builder.inputs.sources import Fetcher
-        cache = cache or Cache(default_cache_root())
-        archive = DebianArchive(Fetcher(cache=cache, progress=False), mirror=None, suite=suite,
-                                components=["main"], arch="arm64")
-    from builder.payload.xen_dom0 import dom0_kit, xen_cfg
-    kit = dom0_kit(archive, cache or archive.cache, timestamp=TIMESTAMP, say=say)
+    if stager is None:
+        raise ArmvmError("boot --xen needs a stager (builder.payload.xen_boot) to build its Dom0 kit and helper disk")
+    kit = stager.kit(suite=suite, archive=archive, cache=cache, say=say)
     goal = "login:" if until_login else spec.BOOT_MARKER
     if domu_wait is None:
         domu_wait = DOMU_LOGIN_WAIT if until_login else DOMU_WAIT
@@ -366,26 +320,12 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
             cfg = domu_cfg(kernel="/xen/vmlinuz",
                            ramdisk="/xen/initrd" if files.initrd is not None else None,
                            extra=domu_cmdline(files.cmdline, slow_devices=until_login))
-        boot_cpio(tmp / "boot.cpio", files, cfg,
-                  dom0_settings(goal=goal, after="destroy" if until_login else "wait",
-                                wait=domu_wait))
-        dom0_cpio = tmp / "dom0.cpio"
-        with open(dom0_cpio, "wb") as w:
-            for part in (kit.initramfs, tmp / "boot.cpio"):
-                with open(part, "rb") as r:
-                    shutil.copyfileobj(r, w, 1 << 20)
-        for p in (files.kernel, files.initrd, tmp / "boot.cpio"):
-            if p is not None and tmp in p.parents:
-                p.unlink()
-        (tmp / "BOOTAA64.cfg").write_text(xen_cfg())
-        helper_disk(tmp / "xenboot.raw", {"EFI/BOOT/BOOTAA64.EFI": kit.xen_efi,
-                                          "EFI/BOOT/BOOTAA64.cfg": tmp / "BOOTAA64.cfg",
-                                          "EFI/BOOT/vmlinuz": kit.kernel,
-                                          "EFI/BOOT/dom0.cpio": dom0_cpio})
-        dom0_cpio.unlink()
+        helper = stager.boot_disk(tmp, kit, files, cfg,
+                                  dom0_settings(goal=goal, after="destroy" if until_login else "wait",
+                                                wait=domu_wait))
         vars_copy = tmp / "VARS.fd"
         shutil.copyfile(vars_template, vars_copy)
-        cmd = xen_qemu_command(qemu=qemu, firmware=(code, vars_copy), helper=tmp / "xenboot.raw",
+        cmd = xen_qemu_command(qemu=qemu, firmware=(code, vars_copy), helper=helper,
                                image=Path(image), qemu_args=qemu_args)
         events: dict = {}
         t0 = time.monotonic()

@@ -19,7 +19,7 @@ def _timeout(t: float) -> float:
 
 def run(image: Path, *, arch: str, timeout: float, until_login: bool, checks: bool,
         log_path: Path, qemu_args, verbose: bool, quiet: bool, as_json: bool, live,
-        stem: str, guest_firmware=None) -> int:
+        stem: str, guest_firmware=None, stager=None) -> int:
     from builder.run import bootcheck, xen
     from builder.verify.runtime import parse_runtime_report, xen_checks
     chatty = not (quiet or as_json)
@@ -44,7 +44,7 @@ def run(image: Path, *, arch: str, timeout: float, until_login: bool, checks: bo
         try:
             res = xen.boot_xen(image, arch=arch, timeout=_timeout(timeout),
                                until_login=until_login, log_path=log_path,
-                               qemu_args=qemu_args, say=say, guest_firmware=guest_firmware,
+                               qemu_args=qemu_args, say=say, guest_firmware=guest_firmware, stager=stager,
                                on_line=lambda ln: [f(ln) for f in lines + [task.on_line]],
                                on_event=task.on_event)
         finally:
