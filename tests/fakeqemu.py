@@ -7,7 +7,8 @@ Plan: a JSON list of steps, each one of
   {"out": "text"}            write to the console (stdout)
   {"sleep": seconds}
   {"grub": "(hd0,gpt1)/EFI/BOOT"}   print "grub> ", read a typed line, answer it
-  {"qmp": "poweroff" | "ignore"}    serve QMP; on system_powerdown power off or do nothing
+  {"qmp": "poweroff" | "ignore" | "second"}  serve QMP; on system_powerdown power off, do
+                                  nothing, or power off on the second request only
   {"wait": seconds}          wait (QMP keeps being served); then go on
   {"exit": status}
 """
@@ -55,8 +56,10 @@ class Qmp(threading.Thread):
                 f.write(json.dumps({"return": {}, **({"id": msg["id"]} if "id" in msg else {})})
                         .encode() + b"\r\n")
                 f.flush()
-                if msg.get("execute") == "system_powerdown" and self.mode == "poweroff":
-                    self.powered_off.set()
+                if msg.get("execute") == "system_powerdown":
+                    self.presses = getattr(self, "presses", 0) + 1
+                    if self.mode == "poweroff" or (self.mode == "second" and self.presses >= 2):
+                        self.powered_off.set()
             conn.close()
 
 

@@ -163,6 +163,17 @@ def test_until_login_powers_off_through_qmp(fq):
     assert args[args.index("-qmp") + 1].endswith("qmp.sock,server=on,wait=off")
 
 
+def test_until_login_presses_the_button_again_when_the_first_press_is_lost(fq, monkeypatch):
+    """A press that comes before logind watches the power key is lost (seen on armhf): the
+    runner presses again until the guest powers off or the wait ends."""
+    import builder.run.boot as bootmod
+    monkeypatch.setattr(bootmod, "POWERDOWN_REPEAT", 1.0)
+    fq([{"qmp": "second"}, {"out": LOGIN}, {"wait": 30}])
+    r = boot_image(fq.image, timeout=60, until_login=True, poweroff_wait=20, kvm=False)
+    assert r.ok, r.reason
+    assert "powerdown-again" in r.events and r.poweroff_seconds is not None
+
+
 def test_until_login_reports_failed_units(fq):
     failed = "[FAILED] Failed to start foo.service - Foo.\r\n"
     r = cli(fq.image, "--until-login", "--json",

@@ -41,6 +41,8 @@ from builder.run.qemu import (arch_of, die_with_parent_hook, find_firmware, find
 PANIC_GRACE = 2.0                      # seconds to collect the rest of a panic message
 KILL_GRACE = 5.0
 POWEROFF_WAIT = 60.0                   # --until-login: seconds from the request to QEMU's exit
+POWERDOWN_REPEAT = 15.0                # press the button again this often until the guest powers off:
+                                       # a press before logind watches the power key is lost
 GRUB_ANSWER_WAIT = 3.0                 # seconds GRUB's shell gets to say where it looked
 TMP_PREFIX = "armvm-boot-"
 STALE_UNLOCKED_AGE = 3600.0            # a temp folder without a lock file (older versions)
@@ -204,7 +206,7 @@ def _run(cmd: list[str], watcher: ConsoleWatcher, timeout: float, *,
     sel = selectors.DefaultSelector()
     err = bytearray()
     out = _Outcome()
-    requested = asked_grub = None
+    requested = asked_grub = pressed = None
     deadline = timeout
     try:
         for stream in (proc.stdout, proc.stderr):
@@ -234,8 +236,15 @@ def _run(cmd: list[str], watcher: ConsoleWatcher, timeout: float, *,
                 out.killed_for = ("GRUB found no grub.cfg it could read and stopped at its "
                                   "grub> shell (it did not say where it looked)")
                 break
+            if requested is not None and now - pressed >= POWERDOWN_REPEAT:
+                pressed = now                     # the first press may have come too early
+                watcher.event("powerdown-again", now)
+                try:
+                    qmp_powerdown(qmp, timeout=min(5.0, poweroff_wait))
+                except ArmvmError:
+                    pass                          # QEMU may be shutting down right now
             if qmp is not None and requested is None and "login" in watcher.events:
-                requested = now
+                requested = pressed = now
                 watcher.event("powerdown", now)
                 deadline = max(deadline, now + poweroff_wait)
                 try:

@@ -21,13 +21,15 @@ MILESTONES = {
     "marker": "marker seen",
     "login": "login prompt",
     "powerdown": "power button pressed (QMP system_powerdown)",
+    "powerdown-again": "power button pressed again (no power-off yet)",
     "grub-shell": "GRUB stopped at its grub> shell",
     "poweroff": "guest powered off",
 }
 # What the guest is busy with after each milestone (the live line's text).
 NEXT = {None: "starting QEMU", "firmware": "firmware", "loader": "loader", "stub": "kernel",
         "kernel": "kernel", "init": "init", "marker": "powering off", "login": "login prompt",
-        "powerdown": "waiting for power-off", "grub-shell": "GRUB shell",
+        "powerdown": "waiting for power-off",
+        "powerdown-again": "waiting for power-off", "grub-shell": "GRUB shell",
         "poweroff": "done"}
 LAST_LINES = 20
 
