@@ -118,3 +118,19 @@ def main(plan_file: str, record_dir: str) -> None:
                 sys.exit(0)
         elif "exit" in step:
             sys.exit(step["exit"])
+
+
+def environment(tmp_path) -> tuple:
+    """The fake QEMU on a private PATH, fake firmware files and a private TMPDIR under
+    tmp_path: returns (env additions, plan file, record folder)."""
+    bindir, rec, tmp = tmp_path / "bin", tmp_path / "rec", tmp_path / "tmp"
+    rec.mkdir()
+    tmp.mkdir()
+    plan_file = tmp_path / "plan.json"
+    install(bindir, plan_file, rec)
+    code, vars_ = tmp_path / "CODE.fd", tmp_path / "VARS.fd"
+    code.write_bytes(b"code")
+    vars_.write_bytes(b"vars")
+    env = {"ARMVM_FIRMWARE_CODE": str(code), "ARMVM_FIRMWARE_VARS": str(vars_),
+           "PATH": f"{bindir}:{os.environ['PATH']}", "TMPDIR": str(tmp)}
+    return env, plan_file, rec

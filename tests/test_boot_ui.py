@@ -52,16 +52,7 @@ def image(tmp_path_factory):
 @pytest.fixture
 def fq(tmp_path, monkeypatch, image):
     """Fake QEMU on PATH, fake firmware, a private TMPDIR; fq(plan) returns the env."""
-    bindir, rec, tmp = tmp_path / "bin", tmp_path / "rec", tmp_path / "tmp"
-    rec.mkdir()
-    tmp.mkdir()
-    plan_file = tmp_path / "plan.json"
-    fakeqemu.install(bindir, plan_file, rec)
-    code, vars_ = tmp_path / "CODE.fd", tmp_path / "VARS.fd"
-    code.write_bytes(b"code")
-    vars_.write_bytes(b"vars")
-    env = {"ARMVM_FIRMWARE_CODE": str(code), "ARMVM_FIRMWARE_VARS": str(vars_),
-           "PATH": f"{bindir}:{os.environ['PATH']}", "TMPDIR": str(tmp)}
+    env, plan_file, rec = fakeqemu.environment(tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     import tempfile
@@ -70,7 +61,7 @@ def fq(tmp_path, monkeypatch, image):
     def make(plan):
         plan_file.write_text(json.dumps(plan))
         return env
-    make.rec, make.tmp, make.image, make.dir = rec, tmp, image, tmp_path
+    make.rec, make.tmp, make.image, make.dir = rec, tmp_path / "tmp", image, tmp_path
     return make
 
 

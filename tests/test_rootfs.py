@@ -339,6 +339,24 @@ def _have(tool):
     return shutil.which(tool) is not None
 
 
+def _judged_root(img):
+    """e2fsck -fn passes on the ext4 file `img`, and what the unprivileged tests' tarball
+    carries survived (setuid, hard link, group, mode 0000, device node, user 1000);
+    returns debugfs `stat` for further looks."""
+    fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+
+    def st(path):
+        return subprocess.run(["debugfs", "-R", f"stat {path}", str(img)], capture_output=True,
+                              text=True).stdout
+    passwd = st("/usr/bin/passwd")
+    assert "Mode:  04755" in passwd and "User:     0" in passwd and "Links: 2" in passwd
+    assert "Group:    42" in st("/etc/shadow") and "Mode:  0000" in st("/etc/shadow-")
+    assert "character special" in st("/dev/null")
+    assert "User:  1000   Group:  1000" in st("/home/u")
+    return st
+
+
 @pytest.mark.skipif(not (_have("fakeroot") and _have("setpriv") and os.geteuid() == 0
                          and os.access("/usr/bin/python3", os.X_OK)),
                     reason="needs root to drop to an unprivileged user, fakeroot and setpriv")
@@ -376,19 +394,9 @@ def test_unprivileged_root_from_a_tarball_keeps_owners_modes_and_devices(shared_
     img = work / "root.ext4"
     assert os.stat(img).st_uid == 65534                         # really built unprivileged
     assert not (work / "staging").exists()
-    fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout
-
-    def st(path):
-        return subprocess.run(["debugfs", "-R", f"stat {path}", str(img)], capture_output=True,
-                              text=True).stdout
-    passwd = st("/usr/bin/passwd")
-    assert "Mode:  04755" in passwd and "User:     0" in passwd and "Links: 2" in passwd
-    assert "Group:    42" in st("/etc/shadow") and "Mode:  0640" in st("/etc/shadow")
-    assert "Mode:  0000" in st("/etc/shadow-")
-    assert "character special" in st("/dev/null")
-    home = st("/home/u")
-    assert "User:  1000   Group:  1000" in home and "Mode:  0700" in home
+    st = _judged_root(img)
+    assert "Mode:  0640" in st("/etc/shadow")
+    assert "Mode:  0700" in st("/home/u")
     assert "Type: symlink" in st("/sbin")
     cat = subprocess.run(["debugfs", "-R", "cat /etc/hostname", str(img)], capture_output=True, text=True)
     assert cat.stdout == "vm\n"
@@ -464,17 +472,7 @@ def test_unprivileged_cli_build_from_a_tarball(shared_tmp):
     with open(img, "rb") as f, open(root, "wb") as g:
         f.seek(part["first_lba"] * 512)
         g.write(f.read((part["last_lba"] - part["first_lba"] + 1) * 512))
-    fsck = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout
-
-    def st(path):
-        return subprocess.run(["debugfs", "-R", f"stat {path}", str(root)], capture_output=True,
-                              text=True).stdout
-    passwd = st("/usr/bin/passwd")
-    assert "Mode:  04755" in passwd and "User:     0" in passwd and "Links: 2" in passwd
-    assert "Group:    42" in st("/etc/shadow") and "Mode:  0000" in st("/etc/shadow-")
-    assert "character special" in st("/dev/null")
-    assert "User:  1000   Group:  1000" in st("/home/u")
+    st = _judged_root(root)
     key = st("/root/.ssh/authorized_keys")
     assert "Mode:  0600" in key and "User:     0" in key
     mods = subprocess.run(["debugfs", "-R", f"ls /usr/lib/modules/{part['kernel_version']}", str(root)],

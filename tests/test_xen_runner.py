@@ -22,16 +22,8 @@ import fakeqemu  # noqa: E402
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    bindir, rec, tmp = tmp_path / "bin", tmp_path / "rec", tmp_path / "tmp"
-    rec.mkdir()
-    tmp.mkdir()
-    plan_file = tmp_path / "plan.json"
-    fakeqemu.install(bindir, plan_file, rec)
-    code, vars_ = tmp_path / "CODE.fd", tmp_path / "VARS.fd"
-    code.write_bytes(b"code")
-    vars_.write_bytes(b"vars")
-    for k, v in {"ARMVM_FIRMWARE_CODE": str(code), "ARMVM_FIRMWARE_VARS": str(vars_),
-                 "PATH": f"{bindir}:{os.environ['PATH']}", "TMPDIR": str(tmp)}.items():
+    env, plan_file, rec = fakeqemu.environment(tmp_path)
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)
