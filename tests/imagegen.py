@@ -341,17 +341,7 @@ def build_image(dirpath: Path, s: ImageSpec, name: str = "disk.raw") -> Path:
         *([str(s.mkfs_blocks)] if s.mkfs_blocks else []))
     files = default_esp(s.arch, s.cmdline) if s.populate else {}
     files.update(s.esp_files)
-    dirs = sorted({"/".join(p.split("/")[:i]) for p in files if files[p] is not None
-                   for i in range(1, p.count("/") + 1)})
-    for d in dirs:
-        run("mmd", "-i", part, f"::/{d}")
-    src = dirpath / (name + ".payload")
-    for path, data in files.items():
-        if data is None:
-            continue
-        src.write_bytes(data)
-        run("mcopy", "-i", part, src, f"::/{path}")
-    src.unlink(missing_ok=True)
+    _fill_fat(dirpath, part, files, name)
     run("dd", f"if={part}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse",
         "status=none")
     part.unlink()
@@ -451,3 +441,35 @@ def copy_image(src: Path, dst: Path) -> Path:
 
 def have_tools(*names) -> bool:
     return all(shutil.which(n) for n in names)
+
+
+def genimage_disk(tmp_path: Path, vfat_args: str) -> Path:
+    """A GPT disk with a 36 MiB ESP holding default_esp("aarch64"), assembled by genimage
+    (another tool's layout: FirstUsableLBA 2048); skips the test without genimage."""
+    import pytest
+    if not have_tools("genimage"):
+        pytest.skip("genimage not installed")
+    inp = tmp_path / "in"
+    for path, data in default_esp("aarch64").items():
+        (inp / path).parent.mkdir(parents=True, exist_ok=True)
+        (inp / path).write_bytes(data)
+    cfg = tmp_path / "genimage.cfg"
+    extra = f'extraargs = "{vfat_args}"' if vfat_args else ""
+    cfg.write_text(f"""
+image esp.vfat {{
+  vfat {{ {extra} }}
+  size = 36M
+}}
+image disk.img {{
+  hdimage {{ partition-table-type = "gpt" }}
+  partition esp {{
+    image = "esp.vfat"
+    partition-type-uuid = "U"
+    offset = 1M
+  }}
+}}
+""")
+    subprocess.run(["genimage", "--config", cfg, "--rootpath", inp, "--tmppath",
+                    tmp_path / "tmp", "--inputpath", tmp_path, "--outputpath", tmp_path],
+                   check=True, capture_output=True)
+    return tmp_path / "disk.img"

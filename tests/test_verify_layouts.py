@@ -65,39 +65,10 @@ def test_mkfs_fat_fat32_with_too_few_clusters(tmp_path):
     assert "informational" in r["esp.fat32"].detail
 
 
-def _genimage(tmp_path, vfat_args: str) -> Path:
-    if not g.have_tools("genimage"):
-        pytest.skip("genimage not installed")
-    inp = tmp_path / "in"
-    for path, data in g.default_esp("aarch64").items():
-        (inp / path).parent.mkdir(parents=True, exist_ok=True)
-        (inp / path).write_bytes(data)
-    cfg = tmp_path / "genimage.cfg"
-    extra = f'extraargs = "{vfat_args}"' if vfat_args else ""
-    cfg.write_text(f"""
-image esp.vfat {{
-  vfat {{ {extra} }}
-  size = 36M
-}}
-image disk.img {{
-  hdimage {{ partition-table-type = "gpt" }}
-  partition esp {{
-    image = "esp.vfat"
-    partition-type-uuid = "U"
-    offset = 1M
-  }}
-}}
-""")
-    subprocess.run(["genimage", "--config", cfg, "--rootpath", inp, "--tmppath",
-                    tmp_path / "tmp", "--inputpath", tmp_path, "--outputpath", tmp_path],
-                   check=True, capture_output=True)
-    return tmp_path / "disk.img"
-
-
 @pytest.mark.parametrize("vfat_args,verdict", [("", "fail"), ("-F 32 -s 1", "pass")],
                          ids=["genimage-vfat-defaults", "genimage-fat32"])
 def test_genimage_layouts(tmp_path, vfat_args, verdict):
-    r = verify.verify_image(_genimage(tmp_path, vfat_args)).by_id()
+    r = verify.verify_image(g.genimage_disk(tmp_path, vfat_args)).by_id()
     bad = sorted(c.id for c in r.values() if c.result == "fail")
     assert bad == ([] if verdict == "pass" else ["esp.fat32"]), [
         (c.id, c.detail) for c in r.values() if c.result == "fail"]

@@ -96,6 +96,15 @@ def _space_error(root: Path, what: str, needed: Optional[int], exc: OSError) -> 
                       "`armvm-build cache prune`, or set ARMVM_CACHE_DIR to a larger disk)")
 
 
+def _write_error(root: Path, what: str, needed: Optional[int], exc: OSError,
+                 failed: Optional[str] = None) -> ArmvmError:
+    """The error for an OSError while writing ``what`` into the cache: a full disk (or file
+    size limit) says how to make room; anything else says what could not be done."""
+    if exc.errno in DISK_FULL:
+        return _space_error(root, what, needed, exc)
+    return ArmvmError(f"cache {root}: {failed or 'cannot write ' + what}: {exc.strerror}")
+
+
 class Cache:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else default_cache_root()
@@ -228,9 +237,7 @@ class Cache:
             self._hold(final)
             return final, got
         except OSError as e:
-            if e.errno in DISK_FULL:
-                raise _space_error(self.root, what, size, e) from None
-            raise ArmvmError(f"cache {self.root}: cannot write {what}: {e.strerror}") from None
+            raise _write_error(self.root, what, size, e) from None
         finally:
             if tmp is not None and os.path.lexists(tmp):
                 os.unlink(tmp)
@@ -298,10 +305,8 @@ class Cache:
                                  "being stored: " + "; ".join(self.problems[-1:]))
             return got
         except OSError as e:
-            if e.errno in DISK_FULL:
-                raise _space_error(self.root, f"the tree {key}", None, e) from None
-            raise ArmvmError(f"cache {self.root}: cannot store the tree {key}: "
-                             f"{e.strerror}") from None
+            raise _write_error(self.root, f"the tree {key}", None, e,
+                               failed=f"cannot store the tree {key}") from None
         finally:
             if work is not None and os.path.lexists(work):
                 _rmtree(work)
@@ -352,10 +357,7 @@ class Cache:
                 f.write(value + "\n")
             os.replace(tmp, path)
         except OSError as e:
-            if e.errno in DISK_FULL:
-                raise _space_error(self.root, f"refs/{name}", None, e) from None
-            raise ArmvmError(f"cache {self.root}: cannot write refs/{name}: "
-                             f"{e.strerror}") from None
+            raise _write_error(self.root, f"refs/{name}", None, e) from None
         finally:
             if tmp is not None and os.path.lexists(tmp):
                 os.unlink(tmp)

@@ -68,7 +68,7 @@ def load_trust(db=(), vars_file=None) -> Trust:
     where = []
     for p in db or ():
         name = os.fspath(p)
-        raw = _read(name, "--db", MAX_CERT_FILE)
+        raw = read_option_file(name, "--db", MAX_CERT_FILE, "what --db takes")
         try:
             certs = ac.load_certs(raw)
         except ValueError as e:
@@ -84,10 +84,6 @@ def load_trust(db=(), vars_file=None) -> Trust:
     else:
         t.source = "Microsoft UEFI CA 2011/2023 (built in)"   # loaded when needed (run)
     return t
-
-
-def _read(name: str, flag: str, limit: int) -> bytes:
-    return read_option_file(name, flag, limit, f"what {flag} takes")
 
 
 def _load_vars(t: Trust, name: str) -> None:
