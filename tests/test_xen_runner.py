@@ -101,3 +101,31 @@ def test_checks_with_xen_adds_the_xen_rows(setup, monkeypatch, capsys):
     assert [s["scenario"] for s in out["scenarios"]][-1] == "xen"
     assert (setup.dir / "vm.boot.xen.log").is_file() and (setup.dir / "vm.boot.xen.domu.log").is_file()
     assert code == (0 if out["ok"] else 1)
+
+
+def test_until_login_reports_the_login_and_the_power_off(setup):
+    """--until-login under Xen: the goal is the DomU's login prompt (no newline), then Dom0's
+    xl shutdown and how long the DomU took to go; the CPU per domain and the vif's
+    hotplug status come from Dom0's lines."""
+    from tests.test_xen import LOGIN_CONSOLE
+    text = "(XEN) Xen version 4.20.5-pre\r\n" + LOGIN_CONSOLE.replace("\n", "\r\n")
+    res = setup([{"out": text}, {"exit": 0}], until_login=True)
+    assert res.ok, res.reason
+    assert "login prompt on hvc0" in res.reason and "powered off 17 s after xl shutdown" in res.reason
+    assert res.dom0["poweroff_seconds"] == 17 and res.dom0["netback"] == "connected"
+    assert res.dom0["cpu"]["armvm"] == {"vcpus": 2, "seconds": 120.3}
+    assert res.to_json()["dom0"] == res.dom0 and res.failed_units == []
+    from builder.run import xen_cli
+    from builder.verify.runtime import parse_runtime_report
+    out = xen_cli.text(res, parse_runtime_report(res.domu_console))
+    assert "DomU power-off after xl shutdown: 17 s" in out
+    assert "armvm 120.3 s on 2 vCPUs" in out and "hotplug-status connected" in out
+
+
+def test_until_login_fails_on_a_failed_unit_in_the_domu(setup):
+    from tests.test_xen import LOGIN_CONSOLE
+    text = LOGIN_CONSOLE.replace(
+        "[domu] Debian GNU/Linux", "[domu] [FAILED] Failed to start ssh.service - OpenBSD Secure "
+        "Shell server.\n[domu] Debian GNU/Linux")
+    res = setup([{"out": text.replace("\n", "\r\n")}, {"exit": 0}], until_login=True)
+    assert not res.ok and "ssh.service" in res.reason and res.failed_units == ["ssh.service"]
