@@ -36,6 +36,7 @@ ARMVM-XEN domu-created domid=1
 [domu] ARMVM-REPORT console=hvc0 driver=xen
 ARMVM-XEN domu-goal after 48 s
 [domu] ARMVM-REPORT xen-device=vbd-51712 driver=vbd
+[domu] ARMVM-REPORT xen-device=vif-0 driver=vif
 [domu] ARMVM-BOOT-COMPLETE
 ARMVM-XEN backend /local/domain/0/backend/vbd/1/51712/params = "/dev/vdb"
 ARMVM-XEN backend /local/domain/0/backend/vbd/1/51712/state = "6"
@@ -261,9 +262,11 @@ def test_xen_report_and_checks_pass():
     facts = parse_runtime_report(domu)
     assert facts.hypervisor == "xen"
     assert ("hvc0", "xen") in facts.consoles
-    assert facts.xen_devices == [("vbd-51712", "vbd")]
+    assert facts.xen_devices == [("vbd-51712", "vbd"), ("vif-0", "vif")]
     c = by_id(xen_checks(facts, scenario={"reached_goal": True, "ok": True}))
-    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")] == ["pass"] * 3
+    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block", "rt.xen-net")] \
+        == ["pass"] * 4
+    assert c["rt.xen-net"].detail == "vif-0 bound to xen-netfront (vif)"
     assert "no Xen guest UEFI" in c["rt.xen-boot"].detail or "ArmVirtXen" in c["rt.xen-boot"].detail
     ok, why = xen.verdict(goal_name="marker", events={"goal": 1.0}, end=end, facts=facts,
                           timed_out=False, status=0, killed_for=None, until_login=False,
@@ -279,14 +282,15 @@ def test_xen_checks_fail_on_a_kvm_style_report():
     assert c["rt.xen-boot"].result == "fail" and "hypervisor=none" in c["rt.xen-boot"].detail
     assert c["rt.xen-console"].result == "warn"          # SHOULD under vmspec-2.0
     assert c["rt.xen-block"].result == "fail"
+    assert c["rt.xen-net"].result == "warn" and "xen devices: vbd-51712:none" in c["rt.xen-net"].detail
     old = by_id(xen_checks(facts, scenario={}, profile="vmspec-1.0"))
     assert old["rt.xen-console"].result == "fail"         # MUST under v1.0
 
 
 def test_no_report_fails_every_xen_check():
     c = by_id(xen_checks(parse_runtime_report(""), scenario={"ok": False, "reason": "timed out"}))
-    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")] == \
-        ["fail", "warn", "fail"]                          # the console is a SHOULD
+    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block", "rt.xen-net")] \
+        == ["fail", "warn", "fail", "warn"]              # the console and network are SHOULDs
     assert "timed out" in c["rt.xen-boot"].detail
 
 
@@ -325,6 +329,7 @@ ARMVM-XEN domu-created domid=1
 [domu] armvm login: ARMVM-XEN domu-goal after 101 s
 ARMVM-XEN cpu Domain-0 vcpus=1 seconds=61.5
 ARMVM-XEN cpu armvm vcpus=2 seconds=120.3
+ARMVM-XEN backend /local/domain/0/backend/vif/1/0/state = "4"
 ARMVM-XEN backend /local/domain/0/backend/vif/1/0/hotplug-status = "connected"
 ARMVM-XEN domu-poweroff after 17 s
 ARMVM-XEN dom0-end result=goal
@@ -335,7 +340,8 @@ def test_dom0_report():
     d = xen.dom0_report(LOGIN_CONSOLE)
     assert d == {"cpu": {"Domain-0": {"vcpus": 1, "seconds": 61.5},
                          "armvm": {"vcpus": 2, "seconds": 120.3}},
-                 "netback": "connected", "poweroff": "poweroff", "poweroff_seconds": 17}
+                 "netback": "connected", "vif_state": "4", "poweroff": "poweroff",
+                 "poweroff_seconds": 17}
     assert xen.dom0_report(CONSOLE) == {"poweroff": "poweroff"}
     late = xen.dom0_report("ARMVM-XEN domu-still-running after 120 s\n"
                            "[domu] ARMVM-XEN cpu x vcpus=1 seconds=1\n")   # a DomU line: ignored

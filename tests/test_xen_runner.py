@@ -85,7 +85,7 @@ def test_a_hung_machine_is_bounded(setup):
 
 def test_checks_with_xen_adds_the_xen_rows(setup, monkeypatch, capsys):
     """`boot --checks --xen`: the matrix boots (here the fake plays the same console for
-    every boot), then the Xen boot; the table gains rt.xen-boot, -console and -block."""
+    every boot), then the Xen boot; the table gains rt.xen-boot, -console, -block and -net."""
     from builder.run import bootview, xen_cli
     plan = [{"out": CONSOLE.replace("\n", "\r\n")}, {"exit": 0}]
     (setup.dir / "plan.json").write_text(json.dumps(plan))
@@ -96,7 +96,9 @@ def test_checks_with_xen_adds_the_xen_rows(setup, monkeypatch, capsys):
                        stager=xen_boot)
     out = json.loads(capsys.readouterr().out)
     rows = {c["id"]: c for c in out["checks"]}
-    assert {rows[k]["result"] for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")} == {"pass"}
+    assert {rows[k]["result"] for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block",
+                                        "rt.xen-net")} == {"pass"}
+    assert rows["rt.xen-net"]["detail"] == "[xen] vif-0 bound to xen-netfront (vif)"
     assert rows["rt.xen-block"]["detail"].startswith("[xen] vbd-51712")
     assert [s["scenario"] for s in out["scenarios"]][-1] == "xen"
     assert (setup.dir / "vm.boot.xen.log").is_file() and (setup.dir / "vm.boot.xen.domu.log").is_file()
@@ -119,7 +121,7 @@ def test_until_login_reports_the_login_and_the_power_off(setup):
     from builder.verify.runtime import parse_runtime_report
     out = xen_cli.text(res, parse_runtime_report(res.domu_console))
     assert "DomU power-off after xl shutdown: 17 s" in out
-    assert "armvm 120.3 s on 2 vCPUs" in out and "hotplug-status connected" in out
+    assert "armvm 120.3 s on 2 vCPUs" in out and "back-end state Connected (xen-netfront connected), hotplug-status connected" in out
 
 
 def test_until_login_fails_on_a_failed_unit_in_the_domu(setup):

@@ -263,7 +263,8 @@ def split_console(text: str) -> tuple[str, dict, list]:
 def dom0_report(text: str) -> dict:
     """What Dom0 said besides its end line: {"poweroff": "poweroff"|"still-running",
     "poweroff_seconds": s (after xl shutdown), "cpu": {domain: {"vcpus": n, "seconds": s}},
-    "netback": "connected"|...} (keys only for what was said)."""
+    "netback": the vif's hotplug-status, "vif_state": its XenbusState (4 = Connected: the
+    DomU's xen-netfront connected)} (keys only for what was said)."""
     out: dict = {}
     for ln in text.splitlines():
         at = ln.find(XEN_PREFIX)
@@ -279,9 +280,9 @@ def dom0_report(text: str) -> dict:
         if m:
             out.setdefault("cpu", {})[m.group(1)] = {"vcpus": int(m.group(2)),
                                                      "seconds": float(m.group(3))}
-        m = re.fullmatch(r'backend \S*/backend/vif/\S+/hotplug-status = "(\S*)"', rest)
+        m = re.fullmatch(r'backend \S*/backend/vif/\S+/(hotplug-status|state) = "(\S*)"', rest)
         if m:
-            out["netback"] = m.group(1)
+            out["netback" if m.group(1) == "hotplug-status" else "vif_state"] = m.group(2)
     return out
 
 

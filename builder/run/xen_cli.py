@@ -110,8 +110,11 @@ def text(res, facts) -> str:
         lines.append("CPU used until the goal: " + ", ".join(
             f"{name} {c['seconds']:.1f} s on {c['vcpus']} vCPU{'s' if c['vcpus'] > 1 else ''}"
             for name, c in d0["cpu"].items()))
-    if d0.get("netback"):
-        lines.append(f"DomU vif: hotplug-status {d0['netback']} (xen-netback)")
+    if d0.get("netback") or d0.get("vif_state"):
+        state = {"4": "Connected (xen-netfront connected)", "6": "Closed"}.get(
+            d0.get("vif_state", ""), d0.get("vif_state", "?"))
+        lines.append(f"DomU vif: back-end state {state}, hotplug-status "
+                     f"{d0.get('netback', '?')} (xen-netback, no bridge)")
     if res.failed_units:
         lines.append(f"failed systemd units in the DomU: {', '.join(res.failed_units)}")
     lines.append(f"DomU started: {res.domu_source or '?'}" + (
