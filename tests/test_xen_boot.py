@@ -75,8 +75,7 @@ def test_server_image_boots_as_a_xen_domu_to_login(tmp_path):
     domu = Path(out["domu_log"]).read_text()
     assert re.search(r"armvm-init: root UUID=[0-9a-f-]{36} is /dev/xvda2", domu)
     assert re.search(r"Debian GNU/Linux \S+ \S+ hvc0", domu)          # getty on the PV console
-    assert re.search(r"login: ?$", domu.split("Debian GNU/Linux", 1)[1].splitlines()[2])
+    assert re.search(r"^\S+ login:", domu, re.M)
     assert out["dom0"]["poweroff"] == "poweroff" and out["failed_units"] == []
-    assert out["spans"]["domu"] <= 180                  # the bound Dom0 waited (not a timing goal)
     assert out["dom0"]["vif_state"] in ("4", "6") and out["dom0"]["netback"] == "connected"
     assert set(out["dom0"]["cpu"]) == {"Domain-0", "armvm"}
