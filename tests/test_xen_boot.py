@@ -57,7 +57,6 @@ def test_probe_image_boots_as_a_xen_domu(tmp_path):
     assert "ARMVM-REPORT console=hvc0 driver=xen" in domu
     assert "ARMVM-REPORT xen-device=vbd-51712 driver=vbd" in domu
     assert "ARMVM-REPORT xen-device=vif-0 driver=vif" in domu       # xen-netfront bound the vif
-    assert out["dom0"]["vif_state"] in ("4", "6")      # Connected (6: closed at power-off)
 
 
 def test_server_image_boots_as_a_xen_domu_to_login(tmp_path):
