@@ -68,15 +68,22 @@ for f in "$log" "$vlog"; do
     tail -n +1 -f "$f" 2>/dev/null | while IFS= read -r line; do echo "[domu] $line"; done &
 done
 xl create /run/domu.cfg || end "result=error xl create failed"
-say "domu-created $(xl domid "$DOMU_NAME" 2>/dev/null | sed 's/^/domid=/')"
+domid=$(xl domid "$DOMU_NAME" 2>/dev/null)
+say "domu-created domid=$domid"
+# Whether the DomU still runs: its xenstore folder (libxl removes it with the domain).
+# xenstore-exists is small; xl (libxl and a dozen libraries) is far heavier for Dom0.
+gone() {
+    if [ -n "$domid" ]; then ! xenstore-exists "/local/domain/$domid" 2>/dev/null
+    else ! xl domid "$DOMU_NAME" >/dev/null 2>&1; fi
+}
 # Bounded: at most $DOMU_WAIT seconds by the clock (a loaded host slows each round). Each
 # round is cheap (Dom0 shares the emulated CPUs with the DomU): one grep and one sleep, the
-# clock read by the shell, whether the DomU still runs asked every 5th round.
+# clock read by the shell, whether the DomU still runs asked every 2nd round.
 now() { read -r up _ < /proc/uptime; echo "${up%.*}"; }
 result=timeout n=0 start=$(now)
 while [ $(($(now) - start)) -lt "$DOMU_WAIT" ]; do
     if grep -q -F -e "$GOAL" "$log" "$vlog"; then result=goal; break; fi
-    if [ $((n % 5)) = 4 ] && ! xl domid "$DOMU_NAME" >/dev/null 2>&1; then result=gone; break; fi
+    if [ $((n % 2)) = 1 ] && gone; then result=gone; break; fi
     sleep 1
     n=$((n + 1))
 done
@@ -87,7 +94,6 @@ for be in /local/domain/0/backend/vbd /local/domain/0/backend/vif; do
     xenstore-ls -f "$be" 2>/dev/null | grep -E '/(state|physical-device|mode|params|mac|hotplug-status) ' | \
         sed 's/^/ARMVM-XEN backend /'
 done
-gone() { ! xl domid "$DOMU_NAME" >/dev/null 2>&1; }
 if [ "$result" = goal ] && [ "$AFTER" = wait ]; then
     # the DomU powers itself off after its marker: give it a moment to go
     n=0
