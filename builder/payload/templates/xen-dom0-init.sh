@@ -77,17 +77,20 @@ gone() {
     else ! xl domid "$DOMU_NAME" >/dev/null 2>&1; fi
 }
 # Bounded: at most $DOMU_WAIT seconds by the clock (a loaded host slows each round). Each
-# round is cheap (Dom0 shares the emulated CPUs with the DomU): one grep and one sleep, the
-# clock read by the shell, whether the DomU still runs asked every 2nd round.
-now() { read -r up _ < /proc/uptime; echo "${up%.*}"; }
-result=timeout n=0 start=$(now)
-while [ $(($(now) - start)) -lt "$DOMU_WAIT" ]; do
+# round is cheap, as Dom0 shares the emulated CPUs with the DomU and every fork and exec
+# costs it under TCG: the clock read by the shell, one grep, one sleep, and every 2nd round
+# whether the DomU still runs.
+now() { read -r up _ < /proc/uptime; up=${up%.*}; }
+now; start=$up result=timeout n=0
+while [ $((up - start)) -lt "$DOMU_WAIT" ]; do
     if grep -q -F -e "$GOAL" "$log" "$vlog"; then result=goal; break; fi
     if [ $((n % 2)) = 1 ] && gone; then result=gone; break; fi
     sleep 1
     n=$((n + 1))
+    now
 done
-say "domu-$result after $(($(now) - start)) s"
+now
+say "domu-$result after $((up - start)) s"
 # the CPU time each domain used until then (Dom0 serves the DomU's disk and console)
 xl list 2>/dev/null | sed -n 's/^\([^ ]*\) *[0-9][0-9]* *[0-9][0-9]* *\([0-9][0-9]*\) .* \([0-9.][0-9.]*\)$/ARMVM-XEN cpu \1 vcpus=\2 seconds=\3/p'
 for be in /local/domain/0/backend/vbd /local/domain/0/backend/vif; do
@@ -102,11 +105,12 @@ if [ "$result" = goal ] && [ "$AFTER" = wait ]; then
 elif [ "$result" = goal ] && [ "$AFTER" = shutdown ]; then
     # a real OS at its login prompt: the PV power-off request (control/shutdown), which
     # the DomU's kernel hands to its init as an orderly power-off; bounded
-    t=$(now)
+    now; t=$up
     xl shutdown "$DOMU_NAME" >/dev/null 2>&1 || say "xl shutdown failed"
-    while [ $(($(now) - t)) -lt "$POWEROFF_WAIT" ] && ! gone; do sleep 1; done
-    gone && say "domu-poweroff after $(($(now) - t)) s" || \
-        say "domu-still-running after $(($(now) - t)) s"
+    while [ $((up - t)) -lt "$POWEROFF_WAIT" ] && ! gone; do sleep 1; now; done
+    now
+    gone && say "domu-poweroff after $((up - t)) s" || \
+        say "domu-still-running after $((up - t)) s"
 fi
 sleep 1
 xl destroy "$DOMU_NAME" >/dev/null 2>&1
