@@ -42,7 +42,7 @@ DOM0_MODULES = ("xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenf
 DOM0_MEMORY = "1024M"
 # One Dom0 vCPU, pinned to the first physical CPU. QEMU gives Xen two CPUs (two host threads
 # under TCG); a Dom0 with two vCPUs beside a DomU with two overcommitted them, and the DomU's
-# systemd ran ~3x slower than with Dom0 kept to one CPU (measured; see run/xen.py).
+# login prompt came 222 s after xl create instead of 128-130 s (measured; see run/xen.py).
 DOM0_VCPUS = 1
 # What Dom0 does not need: left out of its initramfs (loaded under TCG, every MiB counts).
 DROP = re.compile(r"^(usr/share/(doc|man|info|locale|i18n|lintian|zoneinfo|bash-completion|"

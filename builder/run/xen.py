@@ -21,10 +21,11 @@ dom0, DomU = goal - domu.
 CPUs: QEMU gives Xen two CPUs. Dom0 gets one vCPU pinned to the first (Xen's
 dom0_max_vcpus=1 dom0_vcpus_pin, in xen_dom0.xen_cfg), the DomU two unpinned vCPUs. With
 Dom0 on two vCPUs as well (four vCPUs on two emulated CPUs) the server image's systemd in
-the DomU ran ~3x slower (switch_root to systemd's generators 75 s instead of 13 s at the
-same load): Dom0 is busy, not idle, while the DomU boots (xen-blkback serves every disk
-read: ~85 s of Dom0 CPU in a 130 s DomU boot), and overcommitted vCPUs under TCG wait on
-each other.
+the DomU started ~5x slower (switch_root to systemd's generators 75 s instead of 13 s) and
+its login prompt came 222 s after xl create instead of 128-130 s, at the same load. Dom0 is
+busy, not idle, while the DomU boots (xen-blkback, xenstored, /init's wait: 56-113 s of
+Dom0 CPU in a 100-180 s DomU boot); which part of the overcommit cost most (Xen's
+scheduling, or vCPUs waiting on each other under TCG) was not isolated.
 
 --until-login (a real OS): the goal is the DomU's getty prompt on hvc0; Dom0 then asks the
 DomU to power off (`xl shutdown`, the PV control/shutdown request that the DomU's kernel
