@@ -41,8 +41,8 @@ DOM0_MODULES = ("xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenf
                 "xen_blkback", "xen_netback", "virtio_blk")
 DOM0_MEMORY = "1024M"
 # One Dom0 vCPU, pinned to the first physical CPU. QEMU gives Xen two CPUs (two host threads
-# under TCG); a Dom0 with two vCPUs beside a DomU with two overcommitted them, and the DomU's
-# login prompt came 222 s after xl create instead of 128-130 s (measured; see run/xen.py).
+# under TCG); with two Dom0 vCPUs Dom0 used 142 CPU s during a server DomU's boot and its
+# login prompt came 167 s after xl create, with one 56-89 CPU s and 101-147 s (see run/xen.py).
 DOM0_VCPUS = 1
 # What Dom0 does not need: left out of its initramfs (loaded under TCG, every MiB counts).
 DROP = re.compile(r"^(usr/share/(doc|man|info|locale|i18n|lintian|zoneinfo|bash-completion|"

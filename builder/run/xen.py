@@ -19,13 +19,14 @@ marker or login prompt), end (QEMU exited). Spans: Xen = dom0 - xen, Dom0 = dom0
 dom0, DomU = goal - domu.
 
 CPUs: QEMU gives Xen two CPUs. Dom0 gets one vCPU pinned to the first (Xen's
-dom0_max_vcpus=1 dom0_vcpus_pin, in xen_dom0.xen_cfg), the DomU two unpinned vCPUs. With
-Dom0 on two vCPUs as well (four vCPUs on two emulated CPUs) the server image's systemd in
-the DomU started ~5x slower (switch_root to systemd's generators 75 s instead of 13 s) and
-its login prompt came 222 s after xl create instead of 128-130 s, at the same load. Dom0 is
-busy, not idle, while the DomU boots (xen-blkback, xenstored, /init's wait: 56-113 s of
-Dom0 CPU in a 100-180 s DomU boot); which part of the overcommit cost most (Xen's
-scheduling, or vCPUs waiting on each other under TCG) was not isolated.
+dom0_max_vcpus=1 dom0_vcpus_pin, in xen_dom0.xen_cfg), the DomU two unpinned vCPUs. Dom0 is
+busy, not idle, while the DomU boots (xen-blkback, xenstored, its /init's wait loop), and
+under TCG every fork and exec in Dom0 is dear. With the last session's Dom0 (two vCPUs, a
+0.5 s wait loop with `date` and `xl domid`) the server image's systemd took 75 s from
+switch_root to its generators and its login prompt came 222 s after xl create; with the
+cheap loop (templates/xen-dom0-init.sh) and Dom0 still on two vCPUs, 14 s and 167 s (Dom0
+142 CPU s); with one Dom0 vCPU as well, 13 s and 101-147 s (Dom0 56-89 CPU s), on the
+same 2-core host at load 3-5.
 
 --until-login (a real OS): the goal is the DomU's getty prompt on hvc0; Dom0 then asks the
 DomU to power off (`xl shutdown`, the PV control/shutdown request that the DomU's kernel
