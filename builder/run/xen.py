@@ -26,7 +26,7 @@ under TCG every fork and exec in Dom0 is dear. With the last session's Dom0 (two
 switch_root to its generators and its login prompt came 222 s after xl create; with the
 cheap loop (templates/xen-dom0-init.sh) and Dom0 still on two vCPUs, 14 s and 167 s (Dom0
 142 CPU s); with one Dom0 vCPU as well, 13 s and 101-147 s (Dom0 56-89 CPU s), on the
-same 2-core host at load 3-5.
+same 2-core host at load 2-5 (one boot each, so the load differs).
 
 --until-login (a real OS): the goal is the DomU's getty prompt on hvc0; Dom0 then asks the
 DomU to power off (`xl shutdown`, the PV control/shutdown request that the DomU's kernel
