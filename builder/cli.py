@@ -245,7 +245,9 @@ def boot(image: Path = typer.Argument(..., help="A raw disk image."),
                                                    "(`armvm-build keys`); a refusal ends the boot at once; with --checks "
                                                    "adds rt.secureboot."),
          xen: bool = typer.Option(False, "--xen", help="AArch64: boot the image as a Xen DomU (Debian's Xen under "
-                                  "QEMU TCG, Dom0 from Debian packages); with --checks, adds rt.xen-* checks."),
+                                  "QEMU TCG, Dom0 from Debian packages); with --checks, adds rt.xen-* checks; "
+                                  "with --until-login, Dom0 sends xl shutdown instead of the power button "
+                                  "(the DomU has 120 s to power off)."),
          xen_firmware: Optional[Path] = typer.Option(None, "--xen-firmware", help="With --xen: an edk2 ArmVirtXen "
                                                      "XEN_EFI.fd started as the DomU, which then boots the image's "
                                                      "own loader from xvda (experimental; Debian ships none)."),

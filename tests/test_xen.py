@@ -36,6 +36,7 @@ ARMVM-XEN domu-created domid=1
 [domu] ARMVM-REPORT console=hvc0 driver=xen
 ARMVM-XEN domu-goal after 48 s
 [domu] ARMVM-REPORT xen-device=vbd-51712 driver=vbd
+[domu] ARMVM-REPORT xen-device=vif-0 driver=vif
 [domu] ARMVM-BOOT-COMPLETE
 ARMVM-XEN backend /local/domain/0/backend/vbd/1/51712/params = "/dev/vdb"
 ARMVM-XEN backend /local/domain/0/backend/vbd/1/51712/state = "6"
@@ -56,13 +57,15 @@ def test_xen_cfg_is_what_xen_efi_reads():
     lines = cfg.splitlines()
     assert lines[:2] == ["[global]", "default=xen"]
     assert "[xen]" in lines
-    assert "options=console=dtuart dom0_mem=1024M,max:1024M" in lines
+    # one Dom0 vCPU pinned to the first CPU: the DomU's vCPUs are not overcommitted
+    assert "options=console=dtuart dom0_mem=1024M,max:1024M dom0_max_vcpus=1 dom0_vcpus_pin" \
+        in lines
     assert "kernel=vmlinuz console=hvc0 rdinit=/init" in lines
     assert "ramdisk=dom0.cpio" in lines
 
 
 @pytest.mark.parametrize("kw", [{"kernel": "a b"}, {"ramdisk": "../x"}, {"dom0_memory": "1G;"},
-                                {"xen_options": "x\nkernel=evil"}])
+                                {"xen_options": "x\nkernel=evil"}, {"dom0_vcpus": 0}])
 def test_xen_cfg_refuses_bad_values(kw):
     with pytest.raises(ArmvmError):
         xen_dom0.xen_cfg(**kw)
@@ -83,6 +86,13 @@ def test_domu_cfg():
     assert 'extra = "panic=-1 console=hvc0"' in cfg
     assert 'disk = [ "format=raw, vdev=xvda, access=rw, target=@DISK@" ]' in cfg
     assert 'on_poweroff = "destroy"' in cfg
+    assert f'vif = [ "mac={xen.VIF_MAC}, script={xen.VIF_SCRIPT}" ]' in cfg
+    assert f"vcpus = {xen.DOMU_VCPUS}" in cfg.splitlines() and "\ncpus =" not in cfg
+    assert "vif" not in xen.domu_cfg(kernel="/k", ramdisk=None, extra="x", vif_mac=None)
+    assert 'cpus = "1"' in xen.domu_cfg(kernel="/k", ramdisk=None, extra="x", cpus="1")
+    for kw in ({"vif_mac": "00:16:3e:a5:a5"}, {"vif_mac": "bridge=x"}, {"cpus": "1,evil"}):
+        with pytest.raises(ArmvmError):
+            xen.domu_cfg(kernel="/k", ramdisk=None, extra="x", **kw)
     assert "ramdisk" not in xen.domu_cfg(kernel="/k", ramdisk=None, extra="x")
     for bad in ('a"b', "a\nb", "a\\b"):
         with pytest.raises(ArmvmError, match="quote, backslash or line break"):
@@ -94,8 +104,11 @@ def test_domu_cfg():
 def test_dom0_settings_are_bounded():
     s = xen.dom0_settings(goal=spec.BOOT_MARKER, after="wait")
     assert f"GOAL='{spec.BOOT_MARKER}'" in s and "DOMU_WAIT=180" in s
-    assert f"IMAGE_SERIAL={xen.IMAGE_SERIAL}" in s
-    for kw in ({"wait": 5}, {"wait": 100000}, {"goal": "it's"}, {"after": "reboot"}):
+    assert f"IMAGE_SERIAL={xen.IMAGE_SERIAL}" in s and "AFTER=wait" in s
+    s = xen.dom0_settings(goal="login:", after="shutdown")
+    assert "AFTER=shutdown" in s and f"POWEROFF_WAIT={xen.POWEROFF_WAIT}" in s
+    for kw in ({"wait": 5}, {"wait": 100000}, {"goal": "it's"}, {"after": "reboot"},
+               {"after": "destroy"}, {"poweroff_wait": 0}, {"poweroff_wait": 10000}):
         with pytest.raises(ArmvmError):
             xen.dom0_settings(**{"goal": "x", "after": "wait", **kw})
 
@@ -104,8 +117,28 @@ def test_dom0_init_is_valid_sh_and_bounds_the_wait():
     text = xen_dom0.INIT_TEMPLATE.read_text()
     assert subprocess.run(["sh", "-n", str(xen_dom0.INIT_TEMPLATE)]).returncode == 0
     assert "ln -sf /proc/self/fd/0 /dev/stdin" in text and "ln -sf /proc/self/fd /dev/fd" in text
-    assert '-lt "$DOMU_WAIT"' in text
+    assert '-lt "$DOMU_WAIT"' in text and '-lt "$POWEROFF_WAIT"' in text
     assert "xenconsoled --log=guest" in text
+    assert 'xl shutdown "$DOMU_NAME"' in text
+
+
+def test_dom0_vif_hotplug_script_tells_netback_it_is_ready(tmp_path):
+    """The bridge-less vif hotplug script Dom0's /init writes, run by sh with a stand-in
+    xenstore-write: `online` (libxl's action once xen-netback made the vif) writes
+    hotplug-status = connected under the back end's xenstore path; `offline` writes nothing."""
+    text = xen_dom0.INIT_TEMPLATE.read_text()
+    assert f"/etc/xen/scripts/{xen.VIF_SCRIPT} <<'VIF'" in text
+    script = text.split("<<'VIF'\n", 1)[1].split("\nVIF\n", 1)[0] + "\n"
+    (tmp_path / "vif").write_text(script)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "xenstore-write").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/writes\n')
+    (bin_ / "xenstore-write").chmod(0o755)
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "XENBUS_PATH": "backend/vif/1/0", "vif": "vif1.0"}
+    for action in ("online", "offline"):
+        r = subprocess.run(["sh", str(tmp_path / "vif"), action], env=env, capture_output=True)
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "writes").read_text() == "backend/vif/1/0/hotplug-status connected\n"
 
 
 def test_qemu_command_for_xen(tmp_path):
@@ -229,9 +262,11 @@ def test_xen_report_and_checks_pass():
     facts = parse_runtime_report(domu)
     assert facts.hypervisor == "xen"
     assert ("hvc0", "xen") in facts.consoles
-    assert facts.xen_devices == [("vbd-51712", "vbd")]
+    assert facts.xen_devices == [("vbd-51712", "vbd"), ("vif-0", "vif")]
     c = by_id(xen_checks(facts, scenario={"reached_goal": True, "ok": True}))
-    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")] == ["pass"] * 3
+    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block", "rt.xen-net")] \
+        == ["pass"] * 4
+    assert c["rt.xen-net"].detail == "vif-0 bound to xen-netfront (vif)"
     assert "no Xen guest UEFI" in c["rt.xen-boot"].detail or "ArmVirtXen" in c["rt.xen-boot"].detail
     ok, why = xen.verdict(goal_name="marker", events={"goal": 1.0}, end=end, facts=facts,
                           timed_out=False, status=0, killed_for=None, until_login=False,
@@ -247,14 +282,15 @@ def test_xen_checks_fail_on_a_kvm_style_report():
     assert c["rt.xen-boot"].result == "fail" and "hypervisor=none" in c["rt.xen-boot"].detail
     assert c["rt.xen-console"].result == "warn"          # SHOULD under vmspec-2.0
     assert c["rt.xen-block"].result == "fail"
+    assert c["rt.xen-net"].result == "warn" and "xen devices: vbd-51712:none" in c["rt.xen-net"].detail
     old = by_id(xen_checks(facts, scenario={}, profile="vmspec-1.0"))
     assert old["rt.xen-console"].result == "fail"         # MUST under v1.0
 
 
 def test_no_report_fails_every_xen_check():
     c = by_id(xen_checks(parse_runtime_report(""), scenario={"ok": False, "reason": "timed out"}))
-    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")] == \
-        ["fail", "warn", "fail"]                          # the console is a SHOULD
+    assert [c[k].result for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block", "rt.xen-net")] \
+        == ["fail", "warn", "fail", "warn"]              # the console and network are SHOULDs
     assert "timed out" in c["rt.xen-boot"].detail
 
 
@@ -286,14 +322,49 @@ def test_domu_that_never_reaches_its_marker(tmp_path):
     assert f"console log: {tmp_path}/a.boot.log" in out and "DomU console log:" in out
 
 
-def test_until_login_needs_the_root_on_xvda():
-    base = dict(goal_name="login prompt", events={}, end={"result": "goal"}, facts=None,
-                timed_out=False, status=0, killed_for=None, until_login=True)
-    ok, why = xen.verdict(**base, domu_console="armvm-init: root UUID=1234 is /dev/xvda2; "
-                                               "switching to /sbin/init\narmvm login:")
-    assert ok and "UUID=1234" in why and "/dev/xvda2" in why
-    ok, why = xen.verdict(**base, domu_console="armvm-init: root UUID=1234 is /dev/vda2\n")
+LOGIN_CONSOLE = """\
+ARMVM-XEN domu-created domid=1
+[domu] armvm-init: root UUID=1234 is /dev/xvda2; switching to /sbin/init
+[domu] Debian GNU/Linux 13 armvm hvc0
+[domu] armvm login: ARMVM-XEN domu-goal after 101 s
+ARMVM-XEN cpu Domain-0 vcpus=1 seconds=61.5
+ARMVM-XEN cpu armvm vcpus=2 seconds=120.3
+ARMVM-XEN backend /local/domain/0/backend/vif/1/0/state = "4"
+ARMVM-XEN backend /local/domain/0/backend/vif/1/0/hotplug-status = "connected"
+ARMVM-XEN domu-poweroff after 17 s
+ARMVM-XEN dom0-end result=goal
+"""
+
+
+def test_dom0_report():
+    d = xen.dom0_report(LOGIN_CONSOLE)
+    assert d == {"cpu": {"Domain-0": {"vcpus": 1, "seconds": 61.5},
+                         "armvm": {"vcpus": 2, "seconds": 120.3}},
+                 "netback": "connected", "vif_state": "4", "poweroff": "poweroff",
+                 "poweroff_seconds": 17}
+    assert xen.dom0_report(CONSOLE) == {"poweroff": "poweroff"}
+    late = xen.dom0_report("ARMVM-XEN domu-still-running after 120 s\n"
+                           "[domu] ARMVM-XEN cpu x vcpus=1 seconds=1\n")   # a DomU line: ignored
+    assert late == {"poweroff": "still-running", "poweroff_seconds": 120}
+
+
+def test_until_login_needs_the_root_on_xvda_and_a_power_off():
+    domu, end, _ = xen.split_console(LOGIN_CONSOLE)
+    base = dict(goal_name="login prompt", events={"domu": 30.0, "goal": 131.5}, end=end,
+                facts=None, timed_out=False, status=0, killed_for=None, until_login=True)
+    ok, why = xen.verdict(**base, domu_console=domu, dom0=xen.dom0_report(LOGIN_CONSOLE))
+    assert ok, why
+    assert "login prompt on hvc0 after 101.5 s" in why and "UUID=1234" in why
+    assert "/dev/xvda2" in why and "powered off 17 s after xl shutdown" in why
+    ok, why = xen.verdict(**base, domu_console="armvm-init: root UUID=1234 is /dev/vda2\n",
+                          dom0={"poweroff": "poweroff"})
     assert not ok and "xvda" in why
+    ok, why = xen.verdict(**base, domu_console=domu,
+                          dom0={"poweroff": "still-running", "poweroff_seconds": 120})
+    assert not ok and "did not power off within 120 s of xl shutdown" in why
+    ok, why = xen.verdict(**base, domu_console=domu, dom0=xen.dom0_report(LOGIN_CONSOLE),
+                          failed_units=["ssh.service"])
+    assert not ok and "ssh.service" in why
 
 
 # --- bad input ----------------------------------------------------------------------

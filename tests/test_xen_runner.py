@@ -85,7 +85,7 @@ def test_a_hung_machine_is_bounded(setup):
 
 def test_checks_with_xen_adds_the_xen_rows(setup, monkeypatch, capsys):
     """`boot --checks --xen`: the matrix boots (here the fake plays the same console for
-    every boot), then the Xen boot; the table gains rt.xen-boot, -console and -block."""
+    every boot), then the Xen boot; the table gains rt.xen-boot, -console, -block and -net."""
     from builder.run import bootview, xen_cli
     plan = [{"out": CONSOLE.replace("\n", "\r\n")}, {"exit": 0}]
     (setup.dir / "plan.json").write_text(json.dumps(plan))
@@ -96,8 +96,38 @@ def test_checks_with_xen_adds_the_xen_rows(setup, monkeypatch, capsys):
                        stager=xen_boot)
     out = json.loads(capsys.readouterr().out)
     rows = {c["id"]: c for c in out["checks"]}
-    assert {rows[k]["result"] for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block")} == {"pass"}
+    assert {rows[k]["result"] for k in ("rt.xen-boot", "rt.xen-console", "rt.xen-block",
+                                        "rt.xen-net")} == {"pass"}
+    assert rows["rt.xen-net"]["detail"] == "[xen] vif-0 bound to xen-netfront (vif)"
     assert rows["rt.xen-block"]["detail"].startswith("[xen] vbd-51712")
     assert [s["scenario"] for s in out["scenarios"]][-1] == "xen"
     assert (setup.dir / "vm.boot.xen.log").is_file() and (setup.dir / "vm.boot.xen.domu.log").is_file()
     assert code == (0 if out["ok"] else 1)
+
+
+def test_until_login_reports_the_login_and_the_power_off(setup):
+    """--until-login under Xen: the goal is the DomU's login prompt (no newline), then Dom0's
+    xl shutdown and how long the DomU took to go; the CPU per domain and the vif's
+    hotplug status come from Dom0's lines."""
+    from tests.test_xen import LOGIN_CONSOLE
+    text = "(XEN) Xen version 4.20.5-pre\r\n" + LOGIN_CONSOLE.replace("\n", "\r\n")
+    res = setup([{"out": text}, {"exit": 0}], until_login=True)
+    assert res.ok, res.reason
+    assert "login prompt on hvc0" in res.reason and "powered off 17 s after xl shutdown" in res.reason
+    assert res.dom0["poweroff_seconds"] == 17 and res.dom0["netback"] == "connected"
+    assert res.dom0["cpu"]["armvm"] == {"vcpus": 2, "seconds": 120.3}
+    assert res.to_json()["dom0"] == res.dom0 and res.failed_units == []
+    from builder.run import xen_cli
+    from builder.verify.runtime import parse_runtime_report
+    out = xen_cli.text(res, parse_runtime_report(res.domu_console))
+    assert "DomU power-off after xl shutdown: 17 s" in out
+    assert "armvm 120.3 s on 2 vCPUs" in out and "back-end state Connected (xen-netfront connected), hotplug-status connected" in out
+
+
+def test_until_login_fails_on_a_failed_unit_in_the_domu(setup):
+    from tests.test_xen import LOGIN_CONSOLE
+    text = LOGIN_CONSOLE.replace(
+        "[domu] Debian GNU/Linux", "[domu] [FAILED] Failed to start ssh.service - OpenBSD Secure "
+        "Shell server.\n[domu] Debian GNU/Linux")
+    res = setup([{"out": text.replace("\n", "\r\n")}, {"exit": 0}], until_login=True)
+    assert not res.ok and "ssh.service" in res.reason and res.failed_units == ["ssh.service"]

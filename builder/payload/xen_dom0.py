@@ -31,15 +31,19 @@ from typing import Callable, Optional
 from builder import spec
 from builder.errors import ArmvmError
 
-FORMAT = "xen-dom0-10"
+FORMAT = "xen-dom0-11"
 DEBIAN_ARCH = "arm64"                   # Debian builds Xen for arm64 and amd64 only
 # Named packages; {x} is the Xen ABI version (4.20 in trixie) read from xen-utils-common.
 PACKAGES = ("xen-hypervisor-{x}-arm64", "xen-utils-{x}", "xen-utils-common", "xenstore-utils",
             "bash", "busybox-static", "util-linux", "kmod", "linux-image-cloud-arm64")
 # Dom0 needs these (and their dependencies) when they are modules; built-ins are skipped.
 DOM0_MODULES = ("xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenfs",
-                "xen_blkback", "virtio_blk")
+                "xen_blkback", "xen_netback", "virtio_blk")
 DOM0_MEMORY = "1024M"
+# One Dom0 vCPU, pinned to the first physical CPU. QEMU gives Xen two CPUs (two host threads
+# under TCG); with two Dom0 vCPUs Dom0 used 142 CPU s during a server DomU's boot and its
+# login prompt came 167 s after xl create, with one 56-89 CPU s and 101-147 s (see run/xen.py).
+DOM0_VCPUS = 1
 # What Dom0 does not need: left out of its initramfs (loaded under TCG, every MiB counts).
 DROP = re.compile(r"^(usr/share/(doc|man|info|locale|i18n|lintian|zoneinfo|bash-completion|"
                   r"bug|perl5|python3|menu|pixmaps|gcc|gdb)(/|$)|usr/lib/python3|"
@@ -93,8 +97,8 @@ class Dom0Kit:
 
 
 def xen_cfg(*, kernel: str = "vmlinuz", ramdisk: str = "dom0.cpio",
-            dom0_memory: str = DOM0_MEMORY, xen_options: str = "",
-            dom0_cmdline: str = "") -> str:
+            dom0_memory: str = DOM0_MEMORY, dom0_vcpus: int = DOM0_VCPUS,
+            xen_options: str = "", dom0_cmdline: str = "") -> str:
     """BOOTAA64.cfg, read by xen.efi from the folder it was started from (\\EFI\\BOOT)."""
     for what, value in (("kernel", kernel), ("ramdisk", ramdisk)):
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
@@ -106,7 +110,10 @@ def xen_cfg(*, kernel: str = "vmlinuz", ramdisk: str = "dom0.cpio",
     for what, value in (("options", xen_options), ("Dom0 command line", dom0_cmdline)):
         if "\n" in value or "\r" in value:
             raise ArmvmError(f"Xen configuration: the {what} must be one line")
-    opts = f"console=dtuart dom0_mem={dom0_memory},max:{dom0_memory} {xen_options}".strip()
+    if not 1 <= int(dom0_vcpus) <= 8:
+        raise ArmvmError(f"Xen configuration: {dom0_vcpus} Dom0 vCPUs (allowed: 1..8)")
+    opts = (f"console=dtuart dom0_mem={dom0_memory},max:{dom0_memory} "
+            f"dom0_max_vcpus={int(dom0_vcpus)} dom0_vcpus_pin {xen_options}").strip()
     args = f"console=hvc0 rdinit=/init {dom0_cmdline}".strip()
     return ("[global]\ndefault=xen\n\n[xen]\n"
             f"options={opts}\nkernel={kernel} {args}\nramdisk={ramdisk}\n")

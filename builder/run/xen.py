@@ -17,6 +17,26 @@ Timings (seconds since QEMU started): xen (Xen's banner), dom0 (Dom0's kernel st
 dom0_ready (Dom0's /init has the Xen daemons up), domu (xl create done), goal (the DomU's
 marker or login prompt), end (QEMU exited). Spans: Xen = dom0 - xen, Dom0 = dom0_ready -
 dom0, DomU = goal - domu.
+
+CPUs: QEMU gives Xen two CPUs. Dom0 gets one vCPU pinned to the first (Xen's
+dom0_max_vcpus=1 dom0_vcpus_pin, in xen_dom0.xen_cfg), the DomU two unpinned vCPUs. Dom0 is
+busy, not idle, while the DomU boots (xen-blkback, xenstored, its /init's wait loop), and
+under TCG every fork and exec in Dom0 is dear. With the last session's Dom0 (two vCPUs, a
+0.5 s wait loop with `date` and `xl domid`) the server image's systemd took 75 s from
+switch_root to its generators and its login prompt came 222 s after xl create; with the
+cheap loop (templates/xen-dom0-init.sh) and Dom0 still on two vCPUs, 14 s and 167 s (Dom0
+142 CPU s); with one Dom0 vCPU as well, 13 s and 101-147 s (Dom0 56-89 CPU s), on the
+same 2-core host at load 2-5 (one boot each, so the load differs).
+
+--until-login (a real OS): the goal is the DomU's getty prompt on hvc0; Dom0 then asks the
+DomU to power off (`xl shutdown`, the PV control/shutdown request that the DomU's kernel
+hands to systemd) and reports how long it took, bounded by POWEROFF_WAIT: the Xen side of
+`boot --until-login`'s power-button press. ok needs the root found on xvda, the power-off
+and no failed systemd unit.
+
+Network: the DomU has one vif with a fixed MAC and no bridge; Dom0's hotplug script only
+tells xen-netback the interface is ready, so the DomU's xen-netfront connects and shows in
+its report (nothing carries its traffic).
 """
 from __future__ import annotations
 
@@ -32,9 +52,7 @@ from builder import spec
 from builder.errors import EXIT_USAGE, ArmvmError, NotAnImageError
 
 DOMU_WAIT = 180                 # seconds Dom0 waits for the DomU's marker (the issue: <= 180)
-# --until-login: a real OS under TCG in a DomU reached getty on hvc0 at ~181 s at a load of
-# 4-5 on this 2-core host (systemd is slow there), so its wait is longer, still bounded.
-DOMU_LOGIN_WAIT = 300
+DOMU_LOGIN_WAIT = DOMU_WAIT     # --until-login: the same bound for the DomU's login prompt
 DEFAULT_TIMEOUT = 600           # the whole QEMU run: firmware, Xen, Dom0, DomU, power-off
 DOMU_NAME = "armvm"
 IMAGE_SERIAL = "armvm-image"
@@ -42,7 +60,11 @@ DOMU_PREFIX = "[domu] "
 XEN_PREFIX = "ARMVM-XEN "
 MEMORY_MB = 2048                # Xen + Dom0 (1024M) + the DomU
 DOMU_MEMORY_MB = 512
-DOMU_VCPUS = 2                  # TCG runs the two QEMU vCPUs on two host threads
+DOMU_VCPUS = 2                  # unpinned: it uses the CPU Dom0 leaves idle
+POWEROFF_WAIT = 120             # --until-login: xl shutdown -> the DomU gone (plain boot: 60 s
+                                # from the power button; a DomU's systemd is ~2x slower)
+VIF_MAC = "00:16:3e:a5:a5:01"   # Xen's OUI; fixed: the same every boot
+VIF_SCRIPT = "armvm-vif"        # written by Dom0's /init into /etc/xen/scripts
 MAX_DOMU_FILE = 1 << 30
 DEFAULT_SUITE = "trixie"
 NO_GUEST_UEFI = ("the DomU starts the image's kernel directly (xl kernel=/ramdisk=): no "
@@ -107,8 +129,10 @@ def domu_files(image: Path, dest: Path) -> DomUFiles:
 def domu_cmdline(cmdline: str, *, slow_devices: bool = False) -> str:
     """The image's command line with its consoles replaced by the Xen PV console. With
     slow_devices (a real OS under --until-login), systemd waits 300 s instead of 90 s for
-    devices such as /dev/hvc0: under TCG in a DomU udev's coldplug took longer than 90 s
-    here, and serial-getty@hvc0 was then skipped."""
+    devices such as /dev/hvc0 (serial-getty@hvc0 is skipped when it gives up). Earlier runs
+    with overcommitted vCPUs hit the 90 s; with the CPU layout below, systemd-analyze blame
+    in the DomU showed dev-xvda2.device 66 s after its job started (load 4.5), so the
+    margin is kept for a more loaded host."""
     args = [a for a in cmdline.split() if not CONSOLE_ARG.match(a)]
     extra = ["systemd.default_device_timeout_sec=300"] if slow_devices else []
     return " ".join(args + extra + ["console=hvc0"])
@@ -116,9 +140,12 @@ def domu_cmdline(cmdline: str, *, slow_devices: bool = False) -> str:
 
 def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: Optional[str], name: str = DOMU_NAME,
              memory_mb: int = DOMU_MEMORY_MB, vcpus: int = DOMU_VCPUS, disk: str = "@DISK@",
-             vuart: bool = False) -> str:
+             vuart: bool = False, vif_mac: Optional[str] = VIF_MAC,
+             cpus: Optional[str] = None) -> str:
     """The xl domain configuration (xl.cfg(5)); @DISK@ is replaced by Dom0's /init. A guest
-    firmware boot: kernel = the firmware, no ramdisk or extra, vuart = an SBSA UART."""
+    firmware boot: kernel = the firmware, no ramdisk or extra, vuart = an SBSA UART.
+    vif_mac: one vif (xen-netfront in the DomU) with Dom0's bridge-less hotplug script;
+    None: no network. cpus: the physical CPUs the DomU's vCPUs may run on ("1", "0-1")."""
     def q(v: str) -> str:
         if any(c in v for c in "\"\\\n\r"):
             raise ArmvmError(f"xl configuration: value {v!r} holds a quote, backslash or "
@@ -128,6 +155,10 @@ def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: Optional[str], name:
         raise ArmvmError(f"xl configuration: domain name {name!r} is not allowed")
     if not 64 <= int(memory_mb) <= 4096 or not 1 <= int(vcpus) <= 8:
         raise ArmvmError("xl configuration: memory 64..4096 MiB and 1..8 vCPUs allowed")
+    if vif_mac is not None and not re.fullmatch(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}", vif_mac):
+        raise ArmvmError(f"xl configuration: vif MAC {vif_mac!r} is not aa:bb:cc:dd:ee:ff")
+    if cpus is not None and not re.fullmatch(r"[0-9]{1,2}(?:-[0-9]{1,2})?", cpus):
+        raise ArmvmError(f"xl configuration: cpus {cpus!r} is not N or N-M")
     lines = [f"name = {q(name)}", f"kernel = {q(kernel)}"]
     if ramdisk:
         lines.append(f"ramdisk = {q(ramdisk)}")
@@ -135,22 +166,31 @@ def domu_cfg(*, kernel: str, ramdisk: Optional[str], extra: Optional[str], name:
         lines.append(f"extra = {q(extra)}")
     if vuart:
         lines.append('vuart = "sbsa_uart"')
-    lines += [f"memory = {int(memory_mb)}", f"vcpus = {int(vcpus)}",
-              f"disk = [ {q(f'format=raw, vdev=xvda, access=rw, target={disk}')} ]",
+    lines += [f"memory = {int(memory_mb)}", f"vcpus = {int(vcpus)}"]
+    if cpus is not None:
+        lines.append(f"cpus = {q(cpus)}")
+    lines += [f"disk = [ {q(f'format=raw, vdev=xvda, access=rw, target={disk}')} ]"]
+    if vif_mac is not None:
+        lines.append(f"vif = [ {q(f'mac={vif_mac}, script={VIF_SCRIPT}')} ]")
+    lines += [
               'on_poweroff = "destroy"', 'on_reboot = "destroy"', 'on_crash = "destroy"']
     return "\n".join(lines) + "\n"
 
 
-def dom0_settings(*, goal: str, after: str, wait: int = DOMU_WAIT) -> str:
-    """/xen/settings, sourced by Dom0's /init."""
+def dom0_settings(*, goal: str, after: str, wait: int = DOMU_WAIT,
+                  poweroff_wait: int = POWEROFF_WAIT) -> str:
+    """/xen/settings, sourced by Dom0's /init. after: what Dom0 does once the goal is seen:
+    wait (a marker image powers itself off) or shutdown (xl shutdown, a real OS)."""
     if not 10 <= int(wait) <= 3600:
         raise ArmvmError(f"DomU wait {wait} s is not allowed (10..3600)")
     if "'" in goal or "\n" in goal or not goal:
         raise ArmvmError(f"DomU goal {goal!r}: one line without quotes")
-    if after not in ("wait", "destroy"):
-        raise ArmvmError(f"DomU after-goal action {after!r} (allowed: wait, destroy)")
+    if after not in ("wait", "shutdown"):
+        raise ArmvmError(f"DomU after-goal action {after!r} (allowed: wait, shutdown)")
+    if not 10 <= int(poweroff_wait) <= 600:
+        raise ArmvmError(f"DomU power-off wait {poweroff_wait} s is not allowed (10..600)")
     return (f"DOMU_NAME={DOMU_NAME}\nIMAGE_SERIAL={IMAGE_SERIAL}\nDOMU_WAIT={int(wait)}\n"
-            f"GOAL='{goal}'\nAFTER={after}\n")
+            f"GOAL='{goal}'\nAFTER={after}\nPOWEROFF_WAIT={int(poweroff_wait)}\n")
 
 
 def xen_qemu_command(*, qemu: str, firmware: tuple, helper: Path, image: Path,
@@ -188,6 +228,8 @@ class XenResult:
     domu_log: Optional[str] = None
     exit_status: Optional[int] = None
     timed_out: bool = False
+    dom0: dict = field(default_factory=dict)    # dom0_report(): power-off, CPU per domain
+    failed_units: list = field(default_factory=list)
 
     def last_lines(self, n: int = 10) -> tuple:
         dom0 = [ln for ln in self.console.splitlines() if not ln.startswith(DOMU_PREFIX)]
@@ -198,7 +240,8 @@ class XenResult:
                 "spans": self.spans, "dom0_end": self.end, "backend": self.backend,
                 "command": self.command, "kit": self.kit, "domu_source": self.domu_source,
                 "log": self.log, "domu_log": self.domu_log, "timed_out": self.timed_out,
-                "exit_status": self.exit_status}
+                "exit_status": self.exit_status, "dom0": self.dom0,
+                "failed_units": self.failed_units}
 
 
 def split_console(text: str) -> tuple[str, dict, list]:
@@ -220,6 +263,32 @@ def split_console(text: str) -> tuple[str, dict, list]:
     return "\n".join(domu) + ("\n" if domu else ""), end, backend
 
 
+def dom0_report(text: str) -> dict:
+    """What Dom0 said besides its end line: {"poweroff": "poweroff"|"still-running",
+    "poweroff_seconds": s (after xl shutdown), "cpu": {domain: {"vcpus": n, "seconds": s}},
+    "netback": the vif's hotplug-status, "vif_state": its XenbusState (4 = Connected: the
+    DomU's xen-netfront connected)} (keys only for what was said)."""
+    out: dict = {}
+    for ln in text.splitlines():
+        at = ln.find(XEN_PREFIX)
+        if at < 0 or ln.startswith(DOMU_PREFIX):
+            continue
+        rest = ln[at + len(XEN_PREFIX):].strip()
+        m = re.fullmatch(r"domu-(poweroff|still-running)(?: after ([0-9]+) s)?", rest)
+        if m:
+            out["poweroff"] = m.group(1)
+            if m.group(2) is not None:
+                out["poweroff_seconds"] = int(m.group(2))
+        m = re.fullmatch(r"cpu (\S+) vcpus=([0-9]+) seconds=([0-9.]+)", rest)
+        if m:
+            out.setdefault("cpu", {})[m.group(1)] = {"vcpus": int(m.group(2)),
+                                                     "seconds": float(m.group(3))}
+        m = re.fullmatch(r'backend \S*/backend/vif/\S+/(hotplug-status|state) = "(\S*)"', rest)
+        if m:
+            out["netback" if m.group(1) == "hotplug-status" else "vif_state"] = m.group(2)
+    return out
+
+
 def spans(events: dict) -> dict:
     def span(a, b):
         return round(events[b] - events[a], 2) if a in events and b in events else None
@@ -231,7 +300,8 @@ def spans(events: dict) -> dict:
 
 def verdict(*, goal_name: str, events: dict, end: dict, facts, timed_out: bool,
             status: Optional[int], killed_for: Optional[str], until_login: bool,
-            domu_console: str) -> tuple[bool, str]:
+            domu_console: str, dom0: Optional[dict] = None,
+            failed_units: tuple = ()) -> tuple[bool, str]:
     if killed_for:
         return False, killed_for
     if timed_out:
@@ -247,11 +317,20 @@ def verdict(*, goal_name: str, events: dict, end: dict, facts, timed_out: bool,
     if status not in (0, None):
         return False, f"QEMU exited with status {status} after the DomU's {goal_name}"
     if until_login:
+        dom0 = dom0 or {}
         m = re.search(r"armvm-init: root (\S+) is (/dev/[^\s;]+)", domu_console)
         if not m or not m.group(2).startswith("/dev/xvda"):
             return False, ("login prompt seen, but the DomU did not report its root on xvda"
                            + (f" (root {m.group(1)} is {m.group(2)})" if m else ""))
-        return True, f"DomU login prompt on hvc0; its root {m.group(1)} was found on {m.group(2)}"
+        where = f"its root {m.group(1)} was found on {m.group(2)}"
+        if dom0.get("poweroff") != "poweroff":
+            return False, (f"DomU login prompt on hvc0 ({where}), but the DomU did not power "
+                           f"off within {dom0.get('poweroff_seconds', '?')} s of xl shutdown")
+        if failed_units:
+            return False, f"systemd units failed in the DomU: {', '.join(failed_units)}"
+        return True, (f"DomU login prompt on hvc0 after {events['goal'] - events['domu']:.1f} s"
+                       if "goal" in events and "domu" in events else "DomU login prompt on hvc0") + \
+            (f"; {where}; it powered off {dom0.get('poweroff_seconds', '?')} s after xl shutdown")
     bound = [d for d in facts.xen_devices if d[0].startswith("vbd") and d[1] not in ("", "none")]
     if not bound:
         return False, "the DomU reached its marker but reported no Xen block device bound " \
@@ -321,7 +400,7 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
                            ramdisk="/xen/initrd" if files.initrd is not None else None,
                            extra=domu_cmdline(files.cmdline, slow_devices=until_login))
         helper = stager.boot_disk(tmp, kit, files, cfg,
-                                  dom0_settings(goal=goal, after="destroy" if until_login else "wait",
+                                  dom0_settings(goal=goal, after="shutdown" if until_login else "wait",
                                                 wait=domu_wait))
         vars_copy = tmp / "VARS.fd"
         shutil.copyfile(vars_template, vars_copy)
@@ -364,10 +443,12 @@ def boot_xen(image: Path, *, arch: str = "auto", timeout: float = DEFAULT_TIMEOU
                     pass
     events["end"] = round(time.monotonic() - t0, 2)
     facts = parse_runtime_report(domu_text)
+    dom0 = dom0_report(text)
+    failed = list(watcher.failed_units)
     ok, reason = verdict(goal_name="login prompt" if until_login else "marker", events=events,
                          end=end, facts=facts, timed_out=out.timed_out, status=out.status,
                          killed_for=out.killed_for, until_login=until_login,
-                         domu_console=domu_text)
+                         domu_console=domu_text, dom0=dom0, failed_units=failed)
     return XenResult(ok, reason, text, domu_text, events, spans(events), end, backend, cmd,
-                     kit_info(kit),
-                     files.source, saved, domu_saved, out.status, out.timed_out)
+                     kit_info(kit), files.source, saved, domu_saved, out.status, out.timed_out,
+                     dom0, failed)

@@ -102,6 +102,21 @@ def text(res, facts) -> str:
         lines.append(f"last {len(dom0)} Xen/Dom0 console lines:" if dom0 else "no console output")
         lines += [f"  | {ln}" for ln in dom0]
     lines.append(f"timings: {format_spans(res.spans)}")
+    d0 = res.dom0 or {}
+    if d0.get("poweroff_seconds") is not None:
+        lines.append(f"DomU power-off after xl shutdown: {d0['poweroff_seconds']} s"
+                     + ("" if d0.get("poweroff") == "poweroff" else " (still running)"))
+    if d0.get("cpu"):
+        lines.append("CPU used until the goal: " + ", ".join(
+            f"{name} {c['seconds']:.1f} s on {c['vcpus']} vCPU{'s' if c['vcpus'] > 1 else ''}"
+            for name, c in d0["cpu"].items()))
+    if d0.get("netback") or d0.get("vif_state"):
+        state = {"4": "Connected (xen-netfront connected)", "6": "Closed"}.get(
+            d0.get("vif_state", ""), d0.get("vif_state", "?"))
+        lines.append(f"DomU vif: back-end state {state}, hotplug-status "
+                     f"{d0.get('netback', '?')} (xen-netback, no bridge)")
+    if res.failed_units:
+        lines.append(f"failed systemd units in the DomU: {', '.join(res.failed_units)}")
     lines.append(f"DomU started: {res.domu_source or '?'}" + (
         "" if "firmware" in (res.domu_source or "") else "; no guest UEFI under Xen"))
     if res.kit.get("debs"):

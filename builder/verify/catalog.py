@@ -172,6 +172,8 @@ _DEFS = [
              "(hvc0)", "{spec}, {images}", must_under=_OLD),
     CheckDef("rt.xen-block", "MUST", "Under Xen the disk is bound by xen-blkfront",
              "{spec}, {images}"),
+    CheckDef("rt.xen-net", "SHOULD", "Under Xen the network device (vif) is bound by "
+             "xen-netfront", "{spec}, {images}"),
 ]
 CHECKS = {d.id: d for d in _DEFS}
 STATIC_IDS = tuple(d.id for d in _DEFS if not d.id.startswith(("rt.", "sb.")))

@@ -253,7 +253,7 @@ def xen_checks(facts: RuntimeFacts, *, scenario: dict, profile: str = "vmspec-2.
                                not scenario.get("ok") else ""))
     hvc = [(n, d) for n, d in facts.consoles if n.startswith("hvc")]
     if facts.report_lines == 0:
-        for cid in ("rt.xen-console", "rt.xen-block"):
+        for cid in ("rt.xen-console", "rt.xen-block", "rt.xen-net"):
             r[cid] = ("fail", f"no {spec.REPORT_PREFIX} lines from the DomU")
     else:
         r["rt.xen-console"] = ("pass", f"{hvc[0][0]} driven by {hvc[0][1]}") \
@@ -265,6 +265,10 @@ def xen_checks(facts: RuntimeFacts, *, scenario: dict, profile: str = "vmspec-2.
         r["rt.xen-block"] = ("pass", f"{bound[0][0]} bound to xen-blkfront ({bound[0][1]})") \
             if bound else ("fail", "no Xen block device bound to xen-blkfront (xen devices: " +
                            (", ".join(f"{n}:{d}" for n, d in facts.xen_devices) or "none") + ")")
+        net = [(n, d) for n, d in facts.xen_devices if n.startswith("vif") and d in XEN_NET_DRIVERS]
+        r["rt.xen-net"] = ("pass", f"{net[0][0]} bound to xen-netfront ({net[0][1]})") \
+            if net else ("fail", "no Xen network device bound to xen-netfront (xen devices: " +
+                         (", ".join(f"{n}:{d}" for n, d in facts.xen_devices) or "none") + ")")
     return [make_check(cid, profile, *r[cid]) for cid in XEN_IDS]
 
 

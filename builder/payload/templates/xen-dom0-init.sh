@@ -3,7 +3,8 @@
 # Starts xenstored, xen-init-dom0 and xenconsoled, creates the DomU from /xen/domu.cfg
 # with the image under test (the virtio disk whose serial is $IMAGE_SERIAL) as xvda, copies
 # the DomU console to this console with a "[domu] " prefix, waits (bounded) for $GOAL in it,
-# then removes the DomU and powers the machine off. Lines for armvm-build: "ARMVM-XEN ...".
+# then ($AFTER=shutdown) asks the DomU to power off (xl shutdown, bounded by $POWEROFF_WAIT),
+# removes it and powers the machine off. Lines for armvm-build: "ARMVM-XEN ...".
 export PATH=/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -45,6 +46,17 @@ for b in /sys/block/vd*; do
     [ "$(cat "$b/serial" 2>/dev/null)" = "$IMAGE_SERIAL" ] && disk=/dev/${b##*/}
 done
 [ -b "$disk" ] || end "result=error the image disk (virtio serial $IMAGE_SERIAL) is missing"
+# The DomU's vif has no bridge: libxl runs this hotplug script, which tells xen-netback
+# the interface is ready, so the DomU's xen-netfront connects (nothing routes its traffic).
+mkdir -p /etc/xen/scripts
+cat > /etc/xen/scripts/armvm-vif <<'VIF'
+#!/bin/sh
+case "$1" in
+    online|add) xenstore-write "$XENBUS_PATH/hotplug-status" connected ;;
+esac
+exit 0
+VIF
+chmod 755 /etc/xen/scripts/armvm-vif
 say "dom0-ready image=$disk"
 sed "s|@DISK@|$disk|" /xen/domu.cfg > /run/domu.cfg
 # The DomU's PV console, and its emulated SBSA UART (vuart = "sbsa_uart": a guest firmware
@@ -56,25 +68,49 @@ for f in "$log" "$vlog"; do
     tail -n +1 -f "$f" 2>/dev/null | while IFS= read -r line; do echo "[domu] $line"; done &
 done
 xl create /run/domu.cfg || end "result=error xl create failed"
-say "domu-created $(xl domid "$DOMU_NAME" 2>/dev/null | sed 's/^/domid=/')"
-# Bounded: at most $DOMU_WAIT seconds by the clock (a loaded host slows each round).
-result=timeout n=0 start=$(date +%s)
-while [ $(($(date +%s) - start)) -lt "$DOMU_WAIT" ]; do
+domid=$(xl domid "$DOMU_NAME" 2>/dev/null)
+say "domu-created domid=$domid"
+# Whether the DomU still runs: its xenstore folder (libxl removes it with the domain).
+# xenstore-exists is small; xl (libxl and a dozen libraries) is far heavier for Dom0.
+gone() {
+    if [ -n "$domid" ]; then ! xenstore-exists "/local/domain/$domid" 2>/dev/null
+    else ! xl domid "$DOMU_NAME" >/dev/null 2>&1; fi
+}
+# Bounded: at most $DOMU_WAIT seconds by the clock (a loaded host slows each round). Dom0
+# shares the emulated CPUs with the DomU and every fork and exec costs it under TCG (a
+# 1 s round cost /init 18.8 CPU s in a 180 s wait): so a round every 2 s, the clock read
+# by the shell, one grep, one sleep, and every 2nd round whether the DomU still runs.
+now() { read -r up _ < /proc/uptime; up=${up%.*}; }
+now; start=$up result=timeout n=0
+while [ $((up - start)) -lt "$DOMU_WAIT" ]; do
     if grep -q -F -e "$GOAL" "$log" "$vlog"; then result=goal; break; fi
-    if [ $((n % 4)) = 3 ] && ! xl domid "$DOMU_NAME" >/dev/null 2>&1; then result=gone; break; fi
-    sleep 0.5
+    if [ $((n % 2)) = 1 ] && gone; then result=gone; break; fi
+    sleep 2
     n=$((n + 1))
+    now
 done
-say "domu-$result after $(($(date +%s) - start)) s"
-for be in /local/domain/0/backend/vbd; do
-    xenstore-ls -f "$be" 2>/dev/null | grep -E '/(state|physical-device|mode|params) ' | \
+now
+say "domu-$result after $((up - start)) s"
+# the CPU time each domain used until then (Dom0 serves the DomU's disk and console)
+xl list 2>/dev/null | sed -n 's/^\([^ ]*\) *[0-9][0-9]* *[0-9][0-9]* *\([0-9][0-9]*\) .* \([0-9.][0-9.]*\)$/ARMVM-XEN cpu \1 vcpus=\2 seconds=\3/p'
+for be in /local/domain/0/backend/vbd /local/domain/0/backend/vif; do
+    xenstore-ls -f "$be" 2>/dev/null | grep -E '/(state|physical-device|mode|params|mac|hotplug-status) ' | \
         sed 's/^/ARMVM-XEN backend /'
 done
 if [ "$result" = goal ] && [ "$AFTER" = wait ]; then
     # the DomU powers itself off after its marker: give it a moment to go
     n=0
-    while [ "$n" -lt 30 ] && xl domid "$DOMU_NAME" >/dev/null 2>&1; do sleep 0.5; n=$((n + 1)); done
-    xl domid "$DOMU_NAME" >/dev/null 2>&1 && say "domu-still-running" || say "domu-poweroff"
+    while [ "$n" -lt 15 ] && ! gone; do sleep 1; n=$((n + 1)); done
+    gone && say "domu-poweroff" || say "domu-still-running"
+elif [ "$result" = goal ] && [ "$AFTER" = shutdown ]; then
+    # a real OS at its login prompt: the PV power-off request (control/shutdown), which
+    # the DomU's kernel hands to its init as an orderly power-off; bounded
+    now; t=$up
+    xl shutdown "$DOMU_NAME" >/dev/null 2>&1 || say "xl shutdown failed"
+    while [ $((up - t)) -lt "$POWEROFF_WAIT" ] && ! gone; do sleep 1; now; done
+    now
+    gone && say "domu-poweroff after $((up - t)) s" || \
+        say "domu-still-running after $((up - t)) s"
 fi
 sleep 1
 xl destroy "$DOMU_NAME" >/dev/null 2>&1
