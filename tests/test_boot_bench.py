@@ -1,7 +1,7 @@
 """bench/boot_bench.py takes the same console marks from every profile: the kernel's own
 `Run /init` only when the kernel printed it (a quiet kernel does not), /init's module line
-and first report line otherwise; all on the milestones' clock (fake QEMU, no timing asserts
-beyond order)."""
+and first report line otherwise; all on the milestones' clock (fake QEMU; only the order
+of the marks is asserted, never a duration)."""
 from __future__ import annotations
 
 import json
@@ -50,8 +50,8 @@ def test_quiet_kernel_has_no_run_init_mark_and_the_common_marks_in_order(boot):
     ev = boot([{"out": FIRMWARE}, {"sleep": 0.2}, {"out": INIT}, {"sleep": 0.2},
                {"out": REPORT}, {"sleep": 0.2}, {"out": DONE}, {"exit": 0}])
     assert "Run /init" not in ev and "stub" not in ev
+    # on the milestones' clock: a mark left on the monotonic clock would come after power-off
     assert ev["loader"] < ev["modules"] < ev["report"] <= ev["marker"] <= ev["poweroff"]
-    assert ev["modules"] - ev["loader"] >= 0.15       # on the milestones' clock, not shifted
     assert ev["cpu"] >= 0
 
 
