@@ -17,7 +17,9 @@ MILESTONES = {
     "loader": "firmware started the removable-path loader",
     "stub": "kernel EFI stub running",
     "kernel": "kernel booting",
-    "init": "init running",
+    # the kernel's "Run /init" line; a `quiet` kernel does not print it, and the mark is then
+    # /init's first runtime report line, after its module loading (later in the boot)
+    "init": "init running (or, under a quiet kernel, its first report line)",
     "marker": "marker seen",
     "login": "login prompt",
     "powerdown": "power button pressed (QMP system_powerdown)",
