@@ -135,7 +135,8 @@ def run(rows: list, measure) -> None:
         try:
             recipes = Path(os.environ.get("BENCH_SERVER_RECIPES", ROOT / "recipes"))
             shutil.copy(recipes / f"{name}.yaml", d / f"{name}.yaml")
-            shutil.copy(ROOT / "recipes" / "server-authorized_keys", d / "server-authorized_keys")
+            for extra in ("server-authorized_keys", "server-masked.unit"):     # files the recipes name
+                shutil.copy(ROOT / "recipes" / extra, d / extra)
             env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
             if os.environ.get("BENCH_SERVER_COLD", "1") != "0":
                 env["ARMVM_CACHE_DIR"] = str(d / "cache")        # cold: an empty cache of its own

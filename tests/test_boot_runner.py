@@ -159,6 +159,7 @@ def test_default_aarch64_command():
         "-nographic", "-no-reboot",
         "-drive", "if=pflash,format=raw,readonly=on,file=/fw/CODE.fd",
         "-drive", "if=pflash,format=raw,file=/tmp/x/VARS.fd",
+        "-boot", "menu=on,splash-time=0",
         "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-device", "virtio-rng-pci",
         "-drive", "if=none,id=disk0,format=raw,file=/img/disk.raw,snapshot=on",
@@ -223,7 +224,7 @@ def test_extra_virtio():
 def test_direct_boot_has_no_firmware():
     c = cmd(direct=(Path("/k/vmlinuz"), Path("/k/initrd"), "console=ttyAMA0 quiet"),
             firmware=None)
-    assert "pflash" not in " ".join(c)
+    assert "pflash" not in " ".join(c) and "-boot" not in c     # no firmware, no countdown
     i = c.index("-kernel")
     assert c[i:i + 6] == ["-kernel", "/k/vmlinuz", "-initrd", "/k/initrd", "-append",
                           "console=ttyAMA0 quiet"]

@@ -38,7 +38,8 @@ def cli(*args, env=None, timeout=3600):
 def copy_recipe(d: Path, name: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "recipes" / f"{name}.yaml", d / f"{name}.yaml")
-    shutil.copy(ROOT / "recipes" / "server-authorized_keys", d / "server-authorized_keys")
+    for extra in ("server-authorized_keys", "server-masked.unit"):     # files the recipes name
+        shutil.copy(ROOT / "recipes" / extra, d / extra)
     return d / f"{name}.yaml"
 
 

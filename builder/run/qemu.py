@@ -146,6 +146,14 @@ def qemu_command(*, arch, qemu: str, image: Path | None = None,
         code, vars_copy = firmware
         cmd += ["-drive", f"if=pflash,format=raw,readonly=on,file={_opt(code)}",
                 "-drive", f"if=pflash,format=raw,file={_opt(vars_copy)}"]
+        # No boot-manager countdown: AAVMF waits PcdPlatformBootTimeOut (5 s, idle, nobody at
+        # the keyboard) before it boots, unless QEMU's fw_cfg says menu=on with a splash time,
+        # which it rounds up to whole seconds: 0 here. The firmware still boots the image's
+        # removable-path loader from an empty variable store, as before; only the wait is gone
+        # (measured under TCG: 7.8 -> 3.5 s to GRUB for armv7, 9.0 -> 2.1 s for aarch64).
+        # A later `--qemu-arg -boot --qemu-arg splash-time=5000` brings a wait back (QEMU
+        # merges -boot options).
+        cmd += ["-boot", "menu=on,splash-time=0"]
     else:
         raise ArmvmError("nothing to boot: give firmware or a direct kernel")
     # One NIC always (QEMU would add a default one), isolated, and with an empty romfile:
